@@ -1,0 +1,79 @@
+"""Write a GGUF file one tensor at a time, in bounded chunks, straight from the memory-mapped source.
+
+gguf-py's ``add_tensor`` keeps every tensor in memory until the end; here only one chunk of one
+tensor is ever materialised, so peak memory does not grow with model size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFWriter
+
+from ..errors import TensorError
+from ..models.spec import MetadataEntry
+from .safetensors_file import MappedFiles, SourceTensor
+
+CHUNK_ELEMENTS = 8 * 1024 * 1024  # 32 MB of F32 per chunk
+OUT_ITEM = {Q.F32: (np.float32, 4), Q.F16: (np.float16, 2), Q.BF16: (np.uint16, 2)}
+SOURCE_TYPE = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    gguf_name: str
+    source: SourceTensor
+    out_type: Q
+
+
+def lossless_type(source: SourceTensor) -> Q:
+    """Keep a matrix in its own dtype; store vectors (norms, biases) as F32 as llama.cpp expects."""
+    return Q.F32 if len(source.shape) < 2 else SOURCE_TYPE[source.dtype]
+
+
+def _finite(chunk: np.ndarray, dtype: str) -> bool:
+    if dtype == "BF16":  # exponent all ones = Inf or NaN
+        return not np.any((chunk & 0x7F80) == 0x7F80)
+    return bool(np.isfinite(chunk).all())
+
+
+def _convert(chunk: np.ndarray, dtype: str, out_type: Q) -> np.ndarray:
+    if SOURCE_TYPE[dtype] == out_type:
+        return chunk
+    if out_type == Q.F32:
+        if dtype == "BF16":
+            return (chunk.astype(np.uint32) << 16).view(np.float32)
+        return chunk.astype(np.float32)
+    raise ValueError(f"no lossless conversion from {dtype} to {out_type.name}")
+
+
+def write_gguf(path: Path, arch: str, metadata: Sequence[MetadataEntry], tensors: Sequence[OutTensor],
+               files: MappedFiles, advance: Callable[[int], None] = lambda n: None) -> None:
+    """Header, metadata and tensor infos first, then each tensor's data chunk by chunk."""
+    writer = GGUFWriter(path, arch)
+    try:
+        for e in metadata:
+            writer.add_key_value(e.key, e.value, e.value_type, e.sub_type)
+        for t in tensors:
+            np_type, size = OUT_ITEM[t.out_type]
+            writer.add_tensor_info(t.gguf_name, t.source.shape, np.dtype(np_type), t.source.n_elements * size,
+                                   raw_dtype=t.out_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        for t in tensors:
+            writer.write_padding(fout, fout.tell())
+            flat = files.array(t.source).reshape(-1)
+            for i in range(0, flat.size, CHUNK_ELEMENTS):
+                chunk = flat[i:i + CHUNK_ELEMENTS]
+                if not _finite(chunk, t.source.dtype):
+                    raise TensorError(f"{t.source.file.name}: tensor {t.source.name!r} contains NaN or Inf values")
+                _convert(chunk, t.source.dtype, t.out_type).tofile(fout)
+                advance(chunk.size * chunk.itemsize)
+            writer.write_padding(fout, fout.tell())
+    finally:
+        writer.close()

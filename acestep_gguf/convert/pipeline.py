@@ -1,0 +1,155 @@
+"""checkpoint → plan → lossless writers → quantize → outputs: the one driver behind `convert`."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+from .. import __version__
+from ..errors import AcestepGGUFError, OutputError
+from ..manifest import Manifest, ManifestFile
+from ..models.registry import detect
+from .checkpoint import open_checkpoint
+from .gguf_stream import write_gguf
+from .language import language_file
+from .outputs import PartialFiles, check_space, publish, still_valid, verify, write_manifest
+from .plan import make_plan
+from .quantize import ALL_QUANTIZED, LANGUAGE_TYPES, VISION_TYPES, quantize
+from .safetensors_file import MappedFiles
+from .vision import vision_file
+
+# Approximate bits per weight, for the free-space check only.
+BITS_PER_WEIGHT = {"Q4_K_M": 4.9, "Q5_K_M": 5.7, "Q8_0": 8.5, "F16": 16, "BF16": 16}
+
+
+class ConvertProgress:
+    """Callbacks the converter calls; the CLI draws them, a Python caller may ignore them."""
+
+    def phase(self, name: str, total: int, unit: str) -> None: ...
+    def advance(self, completed: int) -> None: ...
+    def file_done(self, entry: ManifestFile, reused: bool) -> None: ...
+
+
+def parse_quant(quant: str | Iterable[str]) -> list[str]:
+    names = [q.strip() for q in (quant.split(",") if isinstance(quant, str) else quant) if q.strip()]
+    out: list[str] = []
+    for q in names:
+        for t in (ALL_QUANTIZED if q.lower() == "all" else [q.upper()]):
+            if t not in LANGUAGE_TYPES:
+                raise AcestepGGUFError(f"--quant {q}: unknown type; choose from {', '.join(LANGUAGE_TYPES)} or all")
+            if t not in out:
+                out.append(t)
+    if not out:
+        raise AcestepGGUFError("--quant: give at least one type")
+    return out
+
+
+def _default_name(source: str, folder: Path) -> str:
+    base = source.rstrip("/").split("/")[-1] if not Path(source).expanduser().is_dir() else folder.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "model"
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, quant: str | Iterable[str] = "Q4_K_M",
+            mmproj_quant: str = "F16", name: str | None = None, force: bool = False, threads: int | None = None,
+            verbose: bool = False, progress: ConvertProgress | None = None) -> Manifest:
+    """Convert a llava-style safetensors checkpoint to GGUF files plus manifest.json; returns the manifest."""
+    progress = progress or ConvertProgress()
+    types = parse_quant(quant)
+    mmproj_quant = mmproj_quant.upper()
+    if mmproj_quant not in VISION_TYPES:
+        raise AcestepGGUFError(f"--mmproj-quant {mmproj_quant}: choose F16 or Q8_0")
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise AcestepGGUFError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+
+    ckpt = open_checkpoint(source)
+    family = detect(ckpt.config, str(ckpt.folder / "config.json"))
+    plan = make_plan(ckpt, family)
+    name = name or _default_name(str(source), ckpt.folder)
+    folder = Path(out or f"{name}-gguf").expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot create the output folder ({e.strerror})") from None
+
+    previous = _previous(folder, ckpt.source["fingerprint"])
+    wanted = [("language", t, f"{name}-{t}.gguf") for t in types] + [("vision", mmproj_quant, f"mmproj-{name}-{mmproj_quant}.gguf")]
+    kept: dict[tuple[str, str], ManifestFile] = {}
+    todo = []
+    for role, t, file in wanted:
+        entry = previous.entry(role, t) if previous else None
+        if not force and entry is not None and entry.file == file and still_valid(folder, entry):
+            kept[(role, t)] = entry
+            progress.file_done(entry, reused=True)
+        else:
+            todo.append((role, t, file))
+
+    files = MappedFiles()
+    written: dict[tuple[str, str], ManifestFile] = {}
+    try:
+        if todo:
+            _check_space(folder, plan, todo)
+            with PartialFiles(folder) as partials:
+                for role in ("language", "vision"):
+                    jobs = [(t, file) for r, t, file in todo if r == role]
+                    if jobs:
+                        written.update(_produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, progress))
+    finally:
+        files.close()
+
+    source_info = {**ckpt.source, "architecture": family.ARCHITECTURES[0], "family": family.FAMILY}
+    entries = [written.get((r, t)) or kept[(r, t)] for r, t, _ in wanted]
+    others = [f for f in (previous.files if previous else []) if (f.role, f.type) not in {(r, t) for r, t, _ in wanted}
+              and (folder / f.file).is_file()]
+    manifest = Manifest(name, source_info, __version__, entries + others)
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def _previous(folder: Path, fingerprint: str) -> Manifest | None:
+    """The earlier manifest, if it describes outputs of this very checkpoint."""
+    try:
+        manifest = Manifest.read(folder)
+    except AcestepGGUFError:
+        return None
+    return manifest if manifest.source.get("fingerprint") == fingerprint else None
+
+
+def _check_space(folder: Path, plan, todo) -> None:
+    n_params = {role: sum(p.source.n_elements for p in getattr(plan, role)) for role in ("language", "vision")}
+    n_bytes = {role: sum(p.source.nbytes for p in getattr(plan, role)) for role in ("language", "vision")}
+    needed = sum(n_bytes[r] for r in {r for r, _, _ in todo})
+    needed += sum(int(n_params[r] * BITS_PER_WEIGHT[t] / 8) for r, t, _ in todo)
+    check_space(folder, int(needed * 1.05) + (64 << 20))
+
+
+def _produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, progress) -> dict:
+    """Write the lossless intermediate of one role, quantize each requested type from it, publish."""
+    if role == "language":
+        metadata, tensors, _ = language_file(plan, ckpt, name)
+        arch, intermediate = "qwen2", partials.path(f"{name}-lossless.gguf")
+    else:
+        metadata, tensors = vision_file(plan, name)
+        arch, intermediate = "clip", partials.path(f"mmproj-{name}-lossless.gguf")
+    expected = {t.gguf_name: tuple(reversed(t.source.shape)) for t in tensors}
+    progress.phase(f"write {role} (lossless)", sum(t.source.nbytes for t in tensors), "bytes")
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress.advance(done)
+
+    write_gguf(intermediate, arch, metadata, tensors, files, advance)
+    out = {}
+    for type_name, file in jobs:
+        partial = partials.path(file)
+        progress.phase(f"quantize {file}", len(tensors), "tensors")
+        quantize(intermediate, partial, type_name, threads=threads, verbose=verbose,
+                 on_tensor=lambda i, n: progress.advance(i))
+        verify(partial, arch, expected)
+        entry = publish(partial, partial.parent / file, role, type_name)
+        out[(role, type_name)] = entry
+        progress.file_done(entry, reused=False)
+    return out

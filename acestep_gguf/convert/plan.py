@@ -1,0 +1,73 @@
+"""Every source tensor → exactly one output tensor or an explicit ignore; checked before writing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+from ..errors import TensorError
+from ..models.spec import TensorSpec
+from .checkpoint import Checkpoint
+from .safetensors_file import NUMPY_VIEW, SourceTensor
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    spec: TensorSpec
+    source: SourceTensor
+
+
+@dataclass
+class Plan:
+    family: ModuleType
+    hparams: dict
+    language: list[PlannedTensor]
+    vision: list[PlannedTensor]
+    ignored: dict[str, str]  # stored source name -> reason
+
+    @property
+    def largest_tensor_elements(self) -> int:
+        return max(p.source.n_elements for p in self.language + self.vision)
+
+
+def canonical_name(name: str, replacements) -> str | None:
+    for prefix, canonical in replacements:
+        if name.startswith(prefix):
+            return canonical + name[len(prefix):]
+    return None
+
+
+def make_plan(ckpt: Checkpoint, family: ModuleType) -> Plan:
+    """Match the checkpoint's tensors against the family's tables; any surprise is an error."""
+    h = family.hparams(ckpt.config, ckpt.preprocessor)
+    expected = {s.source_name: s for s in family.tensors(h)}
+    ignorable = {i.source_name: i.reason for i in family.ignored(h)}
+    found: dict[str, PlannedTensor] = {}
+    ignored: dict[str, str] = {}
+    for name, t in sorted(ckpt.tensors.items()):
+        canonical = canonical_name(name, family.REPLACEMENTS)
+        where = f"{t.file.name}: tensor {name!r}"
+        if canonical in ignorable:
+            ignored[name] = ignorable[canonical]
+            continue
+        spec = expected.get(canonical)
+        if spec is None:
+            raise TensorError(f"{where} is not part of the {family.FAMILY} layout that config.json describes "
+                              "(unknown name, or a layer beyond num_hidden_layers)")
+        if canonical in found:
+            raise TensorError(f"{where} duplicates {found[canonical].source.name!r} (two name styles in one checkpoint)")
+        if t.dtype not in NUMPY_VIEW:
+            raise TensorError(f"{where} has dtype {t.dtype}; only BF16, F16 and F32 are supported")
+        if t.shape != spec.shape:
+            raise TensorError(f"{where} has shape {list(t.shape)} but config.json implies {list(spec.shape)}")
+        found[canonical] = PlannedTensor(spec, t)
+    missing = [s for s in expected if s not in found]
+    if missing:
+        raise TensorError(f"tensor {missing[0]!r} (in any name style) is missing from the checkpoint"
+                          + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    rank = {name: i for i, name in enumerate(expected)}
+    planned = sorted(found.values(), key=lambda p: rank[p.spec.source_name])
+    return Plan(family, h,
+                [p for p in planned if p.spec.role == "language"],
+                [p for p in planned if p.spec.role == "vision"],
+                ignored)

@@ -1,0 +1,24 @@
+"""The lossless mmproj GGUF: clip metadata and the vision tower + projector tensors."""
+
+from __future__ import annotations
+
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as T
+
+from ..models.spec import MetadataEntry
+from .gguf_stream import OutTensor, lossless_type
+from .plan import Plan
+
+# ggml's im2col (the patch-embedding convolution) takes F32 or F16 kernels, not BF16.
+CONVOLUTION_KERNELS = ("v.patch_embd.weight",)
+
+
+def vision_file(plan: Plan, name: str) -> tuple[list[MetadataEntry], list[OutTensor]]:
+    metadata = [MetadataEntry("general.name", f"mmproj-{name}", T.STRING)]
+    metadata += plan.family.vision_metadata(plan.hparams)
+    tensors = [
+        OutTensor(p.spec.gguf_name, p.source,
+                  Q.F32 if p.spec.gguf_name in CONVOLUTION_KERNELS else lossless_type(p.source))
+        for p in plan.vision
+    ]
+    return metadata, tensors

@@ -1,0 +1,71 @@
+"""manifest.json: what a conversion wrote. The converter writes it; the runtime reads nothing else."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ModelFilesError
+
+MANIFEST = "manifest.json"
+# Best first: what the runtime picks when no quant is asked for.
+LANGUAGE_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "F16", "BF16")
+VISION_PREFERENCE = ("F16", "Q8_0")
+
+
+@dataclass
+class ManifestFile:
+    file: str
+    role: str  # "language" or "vision"
+    type: str  # llama.cpp type name
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    name: str
+    source: dict
+    tool_version: str
+    files: list[ManifestFile] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def read(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(data["name"], data["source"], data["tool_version"],
+                       [ManifestFile(**f) for f in data["files"]])
+        except FileNotFoundError:
+            raise ModelFilesError(f"{path}: missing; is {folder} a folder written by `acestep-gguf convert`?") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelFilesError(f"{path}: unreadable manifest ({e})") from None
+
+    def entry(self, role: str, type_name: str) -> ManifestFile | None:
+        return next((f for f in self.files if f.role == role and f.type == type_name), None)
+
+    def pick(self, role: str, type_name: str | None) -> ManifestFile:
+        """The file of that role and type; with no type, the first present in preference order."""
+        if type_name is not None:
+            found = self.entry(role, type_name)
+            if found is None:
+                have = ", ".join(f.type for f in self.files if f.role == role) or "none"
+                raise ModelFilesError(f"{MANIFEST}: no {role} file of type {type_name} (present: {have})")
+            return found
+        for candidate in (LANGUAGE_PREFERENCE if role == "language" else VISION_PREFERENCE):
+            if self.entry(role, candidate):
+                return self.entry(role, candidate)
+        raise ModelFilesError(f"{MANIFEST}: lists no {role} file")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 * 1024 * 1024), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""What each supported architecture looks like: tensor-name tables and hyper-parameter keys."""

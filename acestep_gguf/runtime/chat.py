@@ -1,0 +1,395 @@
+"""VisionChat: multi-turn image chat over llama.cpp's mtmd, keeping the KV cache between turns.
+
+Each turn re-renders the whole conversation with the GGUF's own template, tokenizes it with mtmd,
+and compares the result with what the KV cache already holds (text tokens and image ids). Only
+what differs is evaluated: earlier images are not encoded again, earlier turns not re-read."""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+
+from .. import llama_log
+from ..errors import BusyError, ContextFullError, ModelFilesError
+from ..system import default_threads
+from ..templates import MEDIA_MARKER, sandbox
+from .images import PreparedImage, prepare
+from .model_files import ModelFiles, check_pair, pixel_recipe, read_fields, resolve
+from .offload import plan_offload
+
+
+@dataclass
+class TurnStats:
+    """What the last turn cost; tests and benchmarks read this instead of timing."""
+
+    prompt_positions: int = 0  # positions the conversation occupies once the prompt is in the cache
+    reused_positions: int = 0  # of those, already in the cache from earlier turns
+    evaluated_positions: int = 0  # newly evaluated this turn (text tokens + image positions)
+    images_encoded: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = ""
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.completion_tokens - 1) / self.decode_s if self.completion_tokens > 1 and self.decode_s else 0.0
+
+
+@dataclass
+class _Cached:
+    """One span of the KV cache: a text token or a whole image."""
+
+    key: tuple  # ("t", token) or ("i", digest)
+    n_pos: int
+
+
+@dataclass
+class SamplingOptions:
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 0.95
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+class VisionChat:
+    """A conversation about images with one loaded model. One generation at a time."""
+
+    def __init__(self, files: ModelFiles, llm: llama_cpp.Llama, mctx, recipe, system: str | None, seed: int | None,
+                 n_gpu_layers: int, verbose: bool):
+        self.files, self.model_path, self.quant = files, files.model, files.quant
+        self.n_gpu_layers = n_gpu_layers
+        self._llm, self._mctx, self._recipe = llm, mctx, recipe
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self._template = sandbox().from_string(llm.metadata.get("tokenizer.chat_template") or "")
+        self._system, self._seed, self._verbose = system, seed, verbose
+        self._messages: list[dict] = []
+        self._cache: list[_Cached] = []
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._abort_cb = llama_cpp.ggml_abort_callback(lambda _: self._cancel.is_set())
+        llama_cpp.llama_set_abort_callback(llm.ctx, self._abort_cb, None)
+        self.last_turn = TurnStats()
+        self.images_encoded_total = 0
+        self.reset()
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, folder: str | Path | None = None, *, model: str | Path | None = None, mmproj: str | Path | None = None,
+             quant: str | None = None, mmproj_quant: str | None = None, n_ctx: int = 8192, n_threads: int | None = None,
+             n_gpu_layers: int | str = "auto", vram: str | int | None = None, system: str | None = None,
+             seed: int | None = None, verbose: bool = False) -> "VisionChat":
+        """Open a converted folder (or explicit model/mmproj paths) ready to chat."""
+        files = resolve(folder, model=model, mmproj=mmproj, quant=quant, mmproj_quant=mmproj_quant)
+        model_fields = read_fields(files.model, "language model")
+        mmproj_fields = read_fields(files.mmproj, "mmproj")
+        check_pair(model_fields, mmproj_fields, files)
+        recipe = pixel_recipe(mmproj_fields, files.mmproj)
+        if n_gpu_layers == "auto":
+            n_gpu_layers = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx).n_gpu_layers
+        llama_log.install(verbose)
+        try:
+            llm = llama_cpp.Llama(str(files.model), n_ctx=n_ctx, n_threads=n_threads or default_threads(), n_gpu_layers=int(n_gpu_layers),
+                                  n_batch=min(n_ctx, 2048), n_ubatch=min(n_ctx, 2048), seed=seed or 0,
+                                  verbose=verbose)
+        except ValueError as e:
+            raise ModelFilesError(f"{files.model}: llama.cpp could not load it ({llama_log.recent() or e})") from None
+        llama_log.install(verbose)  # Llama() installs its own logger; take it back
+        params = mtmd.mtmd_context_params_default()
+        params.use_gpu = int(n_gpu_layers) > 0
+        params.print_timings = verbose
+        params.n_threads = llm.n_threads
+        mctx = mtmd.mtmd_init_from_file(str(files.mmproj).encode(), llm.model, params)
+        if not mctx:
+            llm.close()
+            raise ModelFilesError(f"{files.mmproj}: llama.cpp could not load the mmproj ({llama_log.recent()})")
+        return cls(files, llm, mctx, recipe, system, seed, int(n_gpu_layers), verbose)
+
+    def close(self) -> None:
+        if self._mctx:
+            mtmd.mtmd_free(self._mctx)
+            self._mctx = None
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def __enter__(self) -> "VisionChat":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- conversation ----------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._llm.n_ctx()
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation so far, images shown by their source label."""
+        return [{"role": m["role"], "content": [p if p["type"] == "text" else {"type": "image", "image": p["image"].label}
+                                                for p in m["content"]]} for m in self._messages]
+
+    def reset(self) -> None:
+        """Start a new conversation (the same system prompt); the KV cache is cleared."""
+        if self._lock.locked():
+            raise BusyError("reset() while a generation is running: cancel() it first")
+        self._messages = []
+        if self._system:
+            self._messages.append({"role": "system", "content": [{"type": "text", "text": self._system}]})
+        self._cache = []
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llm.ctx), True)
+
+    def cancel(self) -> None:
+        """End the running generation soon (from any thread); the partial reply is kept."""
+        self._cancel.set()
+
+    def ask(self, prompt: str, images: Sequence = (), **sampling) -> str:
+        """The whole reply to one user message."""
+        return "".join(self.stream(prompt, images, **sampling))
+
+    def stream(self, prompt: str, images: Sequence = (), **sampling) -> Iterator[str]:
+        """Yield the reply piece by piece. Images come before the prompt text, in the given order."""
+        options = SamplingOptions(**{k: v for k, v in sampling.items() if v is not None})
+        if options.seed is None:
+            options.seed = self._seed
+        prepared = [prepare(img, self._recipe) for img in images]
+        parts = [{"type": "image", "image": p} for p in prepared] + [{"type": "text", "text": prompt}]
+        return self._run({"role": "user", "content": parts}, options)
+
+    # -- one turn --------------------------------------------------------------------------------
+    def _run(self, message: dict, options: SamplingOptions) -> Iterator[str]:
+        if not self._lock.acquire(blocking=False):
+            raise BusyError("this VisionChat is already generating; wait for it or cancel() it")
+        try:
+            self._cancel.clear()
+            self.last_turn = stats = TurnStats()
+            started = time.perf_counter()
+            self._prefill(self._messages + [message], stats)
+            self._messages.append(message)
+            reply = {"role": "assistant", "content": [{"type": "text", "text": ""}]}
+            self._messages.append(reply)
+            for piece in self._generate(options, stats, started):
+                reply["content"][0]["text"] += piece
+                yield piece
+        finally:
+            self._lock.release()
+
+    def _render(self, messages: list[dict]) -> tuple[str, list[PreparedImage]]:
+        images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
+        rendered = [{"role": m["role"], "content": [p if p["type"] == "text" else {"type": "text", "text": MEDIA_MARKER}
+                                                    for p in m["content"]]} for m in messages]
+        eos = self._piece(llama_cpp.llama_vocab_eos(self._vocab)).decode("utf-8", "replace")
+        text = self._template.render(messages=rendered, add_generation_prompt=True, bos_token="", eos_token=eos)
+        return text, images
+
+    def _prefill(self, messages: list[dict], stats: TurnStats) -> None:
+        text, images = self._render(messages)
+        chunks = self._tokenize(text, images)
+        try:
+            wanted = self._spans(chunks, images)
+            keep = self._common_prefix(wanted)
+            need = sum(s.n_pos for s in wanted)
+            if need + 1 > self.n_ctx:
+                raise ContextFullError(
+                    f"the conversation needs {need} positions but the context holds {self.n_ctx} "
+                    f"({len(images)} image(s)); call reset() or load with a larger n_ctx")
+            kept_pos = sum(s.n_pos for s in self._cache[:keep])
+            self._truncate(keep)
+            stats.reused_positions, stats.prompt_positions = kept_pos, need
+            self._eval_from(chunks, wanted, keep, stats)
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
+    def _tokenize(self, text: str, images: list[PreparedImage]):
+        bitmaps = [mtmd.mtmd_bitmap_init(img.size, img.size, (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb))
+                   for img in images]
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            for bitmap, img in zip(bitmaps, images):
+                mtmd.mtmd_bitmap_set_id(bitmap, img.digest.encode())
+            data = text.encode("utf-8")
+            inp = mtmd.mtmd_input_text(text=data, text_len=len(data), add_special=True, parse_special=True)
+            array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            status = mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(inp), array, len(bitmaps))
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+        if status != 0:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise ModelFilesError(f"mtmd could not tokenize the prompt (status {status}: the chat template placed "
+                                  f"{text.count(MEDIA_MARKER)} image markers for {len(images)} images)")
+        return chunks
+
+    def _spans(self, chunks, images) -> list[_Cached]:
+        spans = []
+        image_iter = iter(images)
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                tokens = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                spans += [_Cached(("t", tokens[j]), 1) for j in range(n.value)]
+            else:
+                spans.append(_Cached(("i", next(image_iter).digest), mtmd.mtmd_input_chunk_get_n_pos(chunk)))
+        return spans
+
+    def _common_prefix(self, wanted: list[_Cached]) -> int:
+        n = 0
+        for have, want in zip(self._cache, wanted):
+            if have.key != want.key:
+                break
+            n += 1
+        return min(n, len(wanted) - 1)  # evaluate at least the last token to get fresh logits
+
+    def _truncate(self, keep: int) -> None:
+        pos = sum(s.n_pos for s in self._cache[:keep])
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm.ctx), 0, pos, -1)
+        del self._cache[keep:]
+
+    def _eval_from(self, chunks, wanted: list[_Cached], keep: int, stats: TurnStats) -> None:
+        """Evaluate spans[keep:], text in batches and images through mtmd's encoder."""
+        index, pending = 0, []
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                for j in range(n.value):
+                    if index >= keep:
+                        pending.append(wanted[index])
+                    index += 1
+                continue
+            if index >= keep:
+                self._decode_text(pending, stats)
+                pending = []
+                self._decode_image(chunk, wanted[index], stats)
+            index += 1
+        self._decode_text(pending, stats)
+
+    def _decode_text(self, spans: list[_Cached], stats: TurnStats) -> None:
+        batch = self._llm.n_batch
+        for start in range(0, len(spans), batch):
+            part = spans[start:start + batch]
+            tokens = (llama_cpp.llama_token * len(part))(*[s.key[1] for s in part])
+            self._check_decode(llama_cpp.llama_decode(self._llm.ctx, llama_cpp.llama_batch_get_one(tokens, len(part))))
+            self._cache += part
+            stats.evaluated_positions += len(part)
+
+    def _decode_image(self, chunk, span: _Cached, stats: TurnStats) -> None:
+        n_past = sum(s.n_pos for s in self._cache)
+        new_n_past = llama_cpp.llama_pos(0)
+        status = mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._llm.ctx, chunk, n_past, 0, self._llm.n_batch,
+                                                    False, ctypes.byref(new_n_past))
+        if self._cancel.is_set():
+            self._truncate(len(self._cache))
+            raise _Cancelled()
+        if status != 0:
+            self._truncate(len(self._cache))
+            raise ModelFilesError(f"llama.cpp failed to encode an image (status {status}: {llama_log.recent()})")
+        self._cache.append(span)
+        stats.evaluated_positions += span.n_pos
+        stats.images_encoded += 1
+        self.images_encoded_total += 1
+
+    def _check_decode(self, status: int) -> None:
+        if status == 0:
+            return
+        self._truncate(len(self._cache))  # drop whatever part of the batch did land
+        if status == 2 or self._cancel.is_set():
+            raise _Cancelled()
+        if status == 1:
+            raise ContextFullError(f"no room left in the {self.n_ctx}-token context; call reset() or use a larger n_ctx")
+        raise ModelFilesError(f"llama_decode failed with status {status} ({llama_log.recent()})")
+
+    # -- generation --------------------------------------------------------------------------------
+    def _sampler(self, o: SamplingOptions):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if o.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(o.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(o.temperature))
+            seed = llama_cpp.LLAMA_DEFAULT_SEED if o.seed is None else o.seed
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        return chain
+
+    def _piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:max(n, 0)]
+
+    def _generate(self, o: SamplingOptions, stats: TurnStats, started: float) -> Iterator[str]:
+        sampler = self._sampler(o)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text, sent, stop_hit = "", 0, False
+        t_first = None
+        try:
+            while True:
+                if self._cancel.is_set():
+                    stats.finish_reason = "cancelled"
+                    break
+                if stats.completion_tokens >= o.max_tokens:
+                    stats.finish_reason = "length"
+                    break
+                token = llama_cpp.llama_sampler_sample(sampler, self._llm.ctx, -1)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    stats.time_to_first_token_s = t_first - started
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    stats.finish_reason = "stop"
+                    break
+                stats.completion_tokens += 1
+                text += decoder.decode(self._piece(token))
+                out, stop_hit = _release(text, sent, o.stop)
+                if out:
+                    sent += len(out)
+                    yield out
+                if stop_hit:
+                    stats.finish_reason = "stop"
+                    break
+                if sum(s.n_pos for s in self._cache) + 1 >= self.n_ctx:
+                    stats.finish_reason = "context"
+                    break
+                try:
+                    self._decode_text([_Cached(("t", token), 1)], TurnStats())
+                except _Cancelled:
+                    stats.finish_reason = "cancelled"
+                    break
+            text += decoder.decode(b"", final=True)
+            if not stop_hit and text[sent:]:
+                yield text[sent:]  # a held-back partial stop string that never completed
+        except _Cancelled:
+            stats.finish_reason = "cancelled"
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+            if t_first is not None:
+                stats.decode_s = time.perf_counter() - t_first
+
+
+class _Cancelled(Exception):
+    """Raised inside a turn when cancel() interrupts llama.cpp; never leaves VisionChat."""
+
+
+def _release(text: str, sent: int, stops: Sequence[str]) -> tuple[str, bool]:
+    """The text safe to yield now: up to a stop string if one appeared, else all but a possible stop prefix."""
+    for stop in stops:
+        at = text.find(stop, max(0, sent - len(stop)))
+        if at >= 0:
+            return text[sent:at], True
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return text[sent:len(text) - hold], False

@@ -1,0 +1,193 @@
+"""The VRAM planner: how many transformer layers fit on the GPU next to the KV cache, the compute
+buffers and the vision projector. The formula is documented in docs/offload.md."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import llama_cpp
+from gguf import GGUFReader
+
+from ..errors import AcestepGGUFError, ModelFilesError
+from ..models.presets import PRESETS, QUANT_RULES, language_tensor_bytes, mmproj_bytes
+
+MIB = 1 << 20
+MARGIN_FIXED = 512 * MIB  # CUDA context, cuBLAS workspace, fragmentation
+MARGIN_FRACTION = 0.05
+N_UBATCH = 512  # llama.cpp's default micro-batch, which sizes the compute buffer
+KV_BYTES = 2  # F16 K and V cache elements
+
+
+@dataclass
+class ModelShape:
+    """What the planner needs to know of a model, from a GGUF or from a preset."""
+
+    layer_bytes: list[int]
+    other_bytes: dict[str, int]  # token_embd (stays on the CPU), output, output_norm
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    mmproj_bytes: int
+    v_n_pos: int
+    v_embd: int
+    v_ff: int
+    v_head: int
+
+
+@dataclass
+class OffloadPlan:
+    n_layers: int
+    n_gpu_layers: int
+    output_on_gpu: bool
+    language_weights_bytes: int  # the whole language model
+    gpu_weights_bytes: int  # the part of it placed on the GPU
+    kv_cache_bytes: int  # K and V on the GPU for the offloaded layers
+    kv_cache_total_bytes: int  # all layers
+    mmproj_bytes: int
+    mmproj_compute_bytes: int
+    compute_bytes: int
+    margin_bytes: int
+    vram_budget_bytes: int
+    headroom_bytes: int
+    n_ctx: int
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_size(value: str | int | float) -> int:
+    """'12GiB', '12 GB', '11.5G', '800MiB' or a byte count → bytes (G and GiB are both 2**30)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise AcestepGGUFError(f"--vram {value!r}: use a size such as 12GiB, 11.5GB or 800MiB")
+    unit = m.group(2).upper()
+    base = 1000 if (m.group(3) or "").upper() == "B" and unit else 1024
+    return int(float(m.group(1)) * base ** " KMGT".index(unit or " "))
+
+
+def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
+    """Real tensor byte counts from the files (gguf-py reads headers only)."""
+    try:
+        lm = GGUFReader(model)
+    except Exception as e:
+        raise ModelFilesError(f"{model}: not a readable GGUF file ({e})") from None
+    f = {k: v.contents() for k, v in lm.fields.items() if not k.startswith("tokenizer.")}
+    arch = f.get("general.architecture")
+    n_layer = int(f[f"{arch}.block_count"])
+    layers = [0] * n_layer
+    other: dict[str, int] = {}
+    for t in lm.tensors:
+        m = re.match(r"blk\.(\d+)\.", t.name)
+        if m:
+            layers[int(m.group(1))] += int(t.n_bytes)
+        else:
+            other[t.name] = int(t.n_bytes)
+    n_head, n_embd = int(f[f"{arch}.attention.head_count"]), int(f[f"{arch}.embedding_length"])
+    v = {"bytes": 0, "n_pos": 0, "embd": 0, "ff": 0, "head": 0}
+    if mmproj is not None:
+        mp = GGUFReader(mmproj)
+        g = {k: x.contents() for k, x in mp.fields.items()}
+        size, patch = int(g["clip.vision.image_size"]), int(g["clip.vision.patch_size"])
+        v = {"bytes": sum(int(t.n_bytes) for t in mp.tensors), "n_pos": (size // patch) ** 2 + 1,
+             "embd": int(g["clip.vision.embedding_length"]), "ff": int(g["clip.vision.feed_forward_length"]),
+             "head": int(g["clip.vision.attention.head_count"])}
+    return ModelShape(layers, other, n_head, int(f.get(f"{arch}.attention.head_count_kv", n_head)),
+                      int(f.get(f"{arch}.attention.key_length", n_embd // n_head)), n_embd,
+                      int(f[f"{arch}.feed_forward_length"]), _rows(lm, "token_embd.weight"),
+                      v["bytes"], v["n_pos"], v["embd"], v["ff"], v["head"])
+
+
+def _rows(reader: GGUFReader, name: str) -> int:
+    return next(int(t.shape[1]) for t in reader.tensors if t.name == name)
+
+
+def shape_from_preset(preset: str, quant: str, mmproj_quant: str = "F16") -> ModelShape:
+    if preset not in PRESETS:
+        raise AcestepGGUFError(f"--preset {preset}: unknown; choose from {', '.join(PRESETS)}")
+    if quant not in QUANT_RULES:
+        raise AcestepGGUFError(f"--quant {quant}: choose from {', '.join(QUANT_RULES)}")
+    p = PRESETS[preset]
+    layers, other = language_tensor_bytes(p, quant)
+    return ModelShape(layers, other, p["n_head"], p["n_head_kv"], p["head_dim"], p["n_embd"], p["n_ff"], p["n_vocab"],
+                      mmproj_bytes(p, mmproj_quant), (p["v_image"] // p["v_patch"]) ** 2 + 1, p["v_embd"], p["v_ff"],
+                      p["v_head"])
+
+
+def compute_bytes(s: ModelShape, n_ctx: int) -> int:
+    """llama.cpp's GPU compute buffer for one micro-batch, estimated from its largest live tensors:
+    logits, attention scores (without flash attention), and the FFN / residual activations (F32)."""
+    return 4 * N_UBATCH * (s.n_vocab + s.n_head * n_ctx + 2 * s.n_ff + 4 * s.n_embd)
+
+
+def mmproj_compute_bytes(s: ModelShape) -> int:
+    """One image through the vision tower: activations of one layer plus its attention scores (F32)."""
+    return 4 * (2 * s.v_n_pos * (s.v_ff + 4 * s.v_embd) + s.v_head * s.v_n_pos ** 2)
+
+
+def kv_bytes_per_layer(s: ModelShape, n_ctx: int) -> int:
+    return 2 * s.n_head_kv * s.head_dim * KV_BYTES * n_ctx
+
+
+def plan(s: ModelShape, vram: int, n_ctx: int, gpu_available: bool = True) -> OffloadPlan:
+    """Place as many whole layers as fit after the fixed costs; the output layer goes last."""
+    n_layer = len(s.layer_bytes)
+    total = sum(s.layer_bytes) + sum(s.other_bytes.values())
+    kv_layer = kv_bytes_per_layer(s, n_ctx)
+    margin = MARGIN_FIXED + int(MARGIN_FRACTION * vram)
+    fixed = compute_bytes(s, n_ctx) + s.mmproj_bytes + mmproj_compute_bytes(s) + margin
+    n_gpu, used = 0, fixed
+    if gpu_available and vram > 0:
+        for layer in s.layer_bytes:
+            if used + layer + kv_layer > vram:
+                break
+            used += layer + kv_layer
+            n_gpu += 1
+    output = s.other_bytes.get("output.weight", 0) + s.other_bytes.get("output_norm.weight", 0)
+    output_on_gpu = n_gpu == n_layer and used + output <= vram
+    if output_on_gpu:
+        used += output
+    if not gpu_available:
+        reason = ("this llama-cpp-python build has no GPU support: everything runs on the CPU "
+                  "(rebuild it with CMAKE_ARGS=-DGGML_CUDA=on to offload)")
+    elif vram <= fixed:
+        reason = "the budget does not cover the compute buffers, the mmproj and the safety margin"
+    else:
+        reason = f"{n_gpu} of {n_layer} layers fit" + (" plus the output layer" if output_on_gpu else "")
+    gpu_weights = sum(s.layer_bytes[:n_gpu]) + (output if output_on_gpu else 0)
+    on_gpu = n_gpu > 0
+    return OffloadPlan(
+        n_layers=n_layer, n_gpu_layers=n_gpu + (1 if output_on_gpu else 0) if on_gpu else 0,
+        output_on_gpu=output_on_gpu, language_weights_bytes=total, gpu_weights_bytes=gpu_weights,
+        kv_cache_bytes=kv_layer * n_gpu, kv_cache_total_bytes=kv_layer * n_layer,
+        mmproj_bytes=s.mmproj_bytes, mmproj_compute_bytes=mmproj_compute_bytes(s),
+        compute_bytes=compute_bytes(s, n_ctx), margin_bytes=margin, vram_budget_bytes=vram,
+        headroom_bytes=vram - (used if on_gpu else 0), n_ctx=n_ctx, reason=reason)
+
+
+def detect_vram() -> int | None:
+    """Free memory of the first NVIDIA GPU, if nvidia-smi can tell."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return int(out.splitlines()[0].strip()) * MIB
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def plan_offload(model: Path, mmproj: Path | None, vram=None, n_ctx: int = 8192) -> OffloadPlan:
+    """What n_gpu_layers='auto' uses: the real files, this build's GPU support, the given or free VRAM."""
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    budget = parse_size(vram) if vram is not None else (detect_vram() or 0) if gpu else 0
+    return plan(shape_from_gguf(Path(model), Path(mmproj) if mmproj else None), budget, n_ctx, gpu)
