@@ -91,10 +91,16 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, qua
         if todo:
             _check_space(folder, plan, todo)
             with PartialFiles(folder) as partials:
+                # Everything is written and verified as *.partial first; only then is anything renamed,
+                # so a NaN found in the last tensor still leaves the folder as it was.
+                ready = []
                 for role in ("language", "vision"):
                     jobs = [(t, file) for r, t, file in todo if r == role]
                     if jobs:
-                        written.update(_produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, progress))
+                        ready += _produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, progress)
+                for role, type_name, partial, final in ready:
+                    written[(role, type_name)] = entry = publish(partial, final, role, type_name)
+                    progress.file_done(entry, reused=False)
     finally:
         files.close()
 
@@ -124,8 +130,9 @@ def _check_space(folder: Path, plan, todo) -> None:
     check_space(folder, int(needed * 1.05) + (64 << 20))
 
 
-def _produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, progress) -> dict:
-    """Write the lossless intermediate of one role, quantize each requested type from it, publish."""
+def _produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, progress) -> list:
+    """Write the lossless intermediate of one role, quantize and verify each requested type from it;
+    returns (role, type, partial, final) for publishing."""
     if role == "language":
         metadata, tensors, _ = language_file(plan, ckpt, name)
         arch, intermediate = "qwen2", partials.path(f"{name}-lossless.gguf")
@@ -142,14 +149,13 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, pr
         progress.advance(done)
 
     write_gguf(intermediate, arch, metadata, tensors, files, advance)
-    out = {}
+    ready = []
     for type_name, file in jobs:
         partial = partials.path(file)
         progress.phase(f"quantize {file}", len(tensors), "tensors")
         quantize(intermediate, partial, type_name, threads=threads, verbose=verbose,
                  on_tensor=lambda i, n: progress.advance(i))
         verify(partial, arch, expected)
-        entry = publish(partial, partial.parent / file, role, type_name)
-        out[(role, type_name)] = entry
-        progress.file_done(entry, reused=False)
-    return out
+        ready.append((role, type_name, partial, partial.parent / file))
+    intermediate.unlink()  # free its disk space before the next role's intermediate
+    return ready

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 
 import llama_cpp
 import llama_cpp.mtmd_cpp as mtmd
+import numpy as np
 
 from .. import llama_log
 from ..errors import BusyError, ContextFullError, ModelFilesError
@@ -166,6 +167,25 @@ class VisionChat:
         parts = [{"type": "image", "image": p} for p in prepared] + [{"type": "text", "text": prompt}]
         return self._run({"role": "user", "content": parts}, options)
 
+    def next_token_logprobs(self, prompt: str, images: Sequence = ()) -> np.ndarray:
+        """Log-probabilities of the first reply token (float64, one per vocabulary entry); the
+        conversation does not advance. For parity checks and quality reports."""
+        parts = [{"type": "image", "image": prepare(img, self._recipe)} for img in images]
+        message = {"role": "user", "content": parts + [{"type": "text", "text": prompt}]}
+        if not self._lock.acquire(blocking=False):
+            raise BusyError("this VisionChat is already generating; wait for it or cancel() it")
+        try:
+            self._cancel.clear()
+            self.last_turn = TurnStats()
+            self._prefill(self._messages + [message], self.last_turn)
+            n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm.ctx, -1), shape=(n_vocab,))
+            logits = logits.astype(np.float64)
+            shifted = logits - logits.max()
+            return shifted - np.log(np.exp(shifted).sum())
+        finally:
+            self._lock.release()
+
     # -- one turn --------------------------------------------------------------------------------
     def _run(self, message: dict, options: SamplingOptions) -> Iterator[str]:
         if not self._lock.acquire(blocking=False):
@@ -178,39 +198,73 @@ class VisionChat:
             self._messages.append(message)
             reply = {"role": "assistant", "content": [{"type": "text", "text": ""}]}
             self._messages.append(reply)
-            for piece in self._generate(options, stats, started):
+            for piece in self._generate(options, stats, started, reply):
                 reply["content"][0]["text"] += piece
                 yield piece
         finally:
             self._lock.release()
 
-    def _render(self, messages: list[dict]) -> tuple[str, list[PreparedImage]]:
-        images = [p["image"] for m in messages for p in m["content"] if p["type"] == "image"]
-        rendered = [{"role": m["role"], "content": [p if p["type"] == "text" else {"type": "text", "text": MEDIA_MARKER}
-                                                    for p in m["content"]]} for m in messages]
+    def _render(self, messages: list[dict], splice: bool = True) -> list:
+        """The prompt as pieces: ("text", str, images) or ("tokens", ids). Earlier replies are spliced
+        back as the very tokens that were generated, so their KV entries are reused as they are."""
+        images, replies, rendered = [], [], []
+        for m in messages:
+            content = []
+            for part in m["content"]:
+                if part["type"] == "image":
+                    images.append(part["image"])
+                    content.append({"type": "text", "text": MEDIA_MARKER})
+                else:
+                    content.append(part)
+            if splice and m["role"] == "assistant" and m.get("tokens") is not None:
+                mark = f"\x00reply{len(replies)}\x00"
+                replies.append((mark, m["tokens"]))
+                content = [{"type": "text", "text": mark}]
+            rendered.append({"role": m["role"], "content": content})
         eos = self._piece(llama_cpp.llama_vocab_eos(self._vocab)).decode("utf-8", "replace")
         text = self._template.render(messages=rendered, add_generation_prompt=True, bos_token="", eos_token=eos)
-        return text, images
+        pieces, rest, queue = [], text, list(images)
+        for mark, tokens in replies:
+            before, found, rest = rest.partition(mark)
+            if not found:  # the template rewrote replies: fall back to plain re-tokenisation
+                return self._render(messages, splice=False)
+            pieces += [self._text_piece(before, queue), ("tokens", tokens)]
+        return pieces + [self._text_piece(rest, queue)]
+
+    @staticmethod
+    def _text_piece(text: str, queue: list) -> tuple:
+        n = text.count(MEDIA_MARKER)
+        taken, queue[:n] = queue[:n], []
+        return ("text", text, taken)
 
     def _prefill(self, messages: list[dict], stats: TurnStats) -> None:
-        text, images = self._render(messages)
-        chunks = self._tokenize(text, images)
+        chunk_lists = []
         try:
-            wanted = self._spans(chunks, images)
-            keep = self._common_prefix(wanted)
+            wanted: list[_Cached] = []
+            sources: list = []  # per span: None (a text token) or the mtmd image chunk to evaluate
+            for piece in self._render(messages):
+                if piece[0] == "tokens":
+                    wanted += [_Cached(("t", t), 1) for t in piece[1]]
+                    sources += [None] * len(piece[1])
+                elif piece[1]:
+                    chunks = self._tokenize(piece[1], piece[2], add_special=not chunk_lists)
+                    chunk_lists.append(chunks)
+                    self._spans(chunks, piece[2], wanted, sources)
             need = sum(s.n_pos for s in wanted)
+            n_images = sum(1 for s in wanted if s.key[0] == "i")
             if need + 1 > self.n_ctx:
                 raise ContextFullError(
                     f"the conversation needs {need} positions but the context holds {self.n_ctx} "
-                    f"({len(images)} image(s)); call reset() or load with a larger n_ctx")
-            kept_pos = sum(s.n_pos for s in self._cache[:keep])
+                    f"({n_images} image(s)); call reset() or load with a larger n_ctx")
+            keep = self._common_prefix(wanted)
             self._truncate(keep)
-            stats.reused_positions, stats.prompt_positions = kept_pos, need
-            self._eval_from(chunks, wanted, keep, stats)
+            stats.reused_positions, stats.prompt_positions = sum(s.n_pos for s in self._cache), need
+            self._eval(wanted[keep:], sources[keep:], stats)
         finally:
-            mtmd.mtmd_input_chunks_free(chunks)
+            for chunks in chunk_lists:
+                mtmd.mtmd_input_chunks_free(chunks)
 
-    def _tokenize(self, text: str, images: list[PreparedImage]):
+    def _tokenize(self, text: str, images: list[PreparedImage], add_special: bool):
         bitmaps = [mtmd.mtmd_bitmap_init(img.size, img.size, (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb))
                    for img in images]
         chunks = mtmd.mtmd_input_chunks_init()
@@ -218,7 +272,7 @@ class VisionChat:
             for bitmap, img in zip(bitmaps, images):
                 mtmd.mtmd_bitmap_set_id(bitmap, img.digest.encode())
             data = text.encode("utf-8")
-            inp = mtmd.mtmd_input_text(text=data, text_len=len(data), add_special=True, parse_special=True)
+            inp = mtmd.mtmd_input_text(text=data, text_len=len(data), add_special=add_special, parse_special=True)
             array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
             status = mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(inp), array, len(bitmaps))
         finally:
@@ -230,18 +284,19 @@ class VisionChat:
                                   f"{text.count(MEDIA_MARKER)} image markers for {len(images)} images)")
         return chunks
 
-    def _spans(self, chunks, images) -> list[_Cached]:
-        spans = []
+    @staticmethod
+    def _spans(chunks, images, wanted: list, sources: list) -> None:
         image_iter = iter(images)
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
             if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
                 n = ctypes.c_size_t()
                 tokens = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                spans += [_Cached(("t", tokens[j]), 1) for j in range(n.value)]
+                wanted += [_Cached(("t", tokens[j]), 1) for j in range(n.value)]
+                sources += [None] * n.value
             else:
-                spans.append(_Cached(("i", next(image_iter).digest), mtmd.mtmd_input_chunk_get_n_pos(chunk)))
-        return spans
+                wanted.append(_Cached(("i", next(image_iter).digest), mtmd.mtmd_input_chunk_get_n_pos(chunk)))
+                sources.append(chunk)
 
     def _common_prefix(self, wanted: list[_Cached]) -> int:
         n = 0
@@ -251,30 +306,22 @@ class VisionChat:
             n += 1
         return min(n, len(wanted) - 1)  # evaluate at least the last token to get fresh logits
 
+    def _eval(self, spans: list[_Cached], sources: list, stats: TurnStats) -> None:
+        """Evaluate text tokens in batches and images through mtmd's encoder, in prompt order."""
+        pending: list[_Cached] = []
+        for span, chunk in zip(spans, sources):
+            if chunk is None:
+                pending.append(span)
+                continue
+            self._decode_text(pending, stats)
+            pending = []
+            self._decode_image(chunk, span, stats)
+        self._decode_text(pending, stats)
+
     def _truncate(self, keep: int) -> None:
         pos = sum(s.n_pos for s in self._cache[:keep])
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm.ctx), 0, pos, -1)
         del self._cache[keep:]
-
-    def _eval_from(self, chunks, wanted: list[_Cached], keep: int, stats: TurnStats) -> None:
-        """Evaluate spans[keep:], text in batches and images through mtmd's encoder."""
-        index, pending = 0, []
-        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                for j in range(n.value):
-                    if index >= keep:
-                        pending.append(wanted[index])
-                    index += 1
-                continue
-            if index >= keep:
-                self._decode_text(pending, stats)
-                pending = []
-                self._decode_image(chunk, wanted[index], stats)
-            index += 1
-        self._decode_text(pending, stats)
 
     def _decode_text(self, spans: list[_Cached], stats: TurnStats) -> None:
         batch = self._llm.n_batch
@@ -328,11 +375,13 @@ class VisionChat:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
         return buf.raw[:max(n, 0)]
 
-    def _generate(self, o: SamplingOptions, stats: TurnStats, started: float) -> Iterator[str]:
+    def _generate(self, o: SamplingOptions, stats: TurnStats, started: float, reply: dict) -> Iterator[str]:
         sampler = self._sampler(o)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python does
         text, sent, stop_hit = "", 0, False
         t_first = None
+        generated: list[int] = []
+        reply["tokens"] = generated  # spliced into the next turn's prompt: its KV entries are reused
         try:
             while True:
                 if self._cancel.is_set():
@@ -349,13 +398,15 @@ class VisionChat:
                     stats.finish_reason = "stop"
                     break
                 stats.completion_tokens += 1
+                generated.append(token)
                 text += decoder.decode(self._piece(token))
                 out, stop_hit = _release(text, sent, o.stop)
                 if out:
                     sent += len(out)
                     yield out
-                if stop_hit:
+                if stop_hit:  # the kept text no longer matches the tokens: re-tokenise it next turn
                     stats.finish_reason = "stop"
+                    reply["tokens"] = None
                     break
                 if sum(s.n_pos for s in self._cache) + 1 >= self.n_ctx:
                     stats.finish_reason = "context"

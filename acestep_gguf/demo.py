@@ -1,0 +1,65 @@
+"""The bundled demo model: converted once into the user cache with the real converter, then asked
+about a freshly drawn picture. It is what a new user's first command runs."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from .convert import convert
+from .errors import ModelFilesError
+from .manifest import Manifest
+from .runtime import VisionChat
+from .shapes import QUESTIONS, draw, random_scene
+
+DEMO_CHECKPOINT = Path(__file__).parent / "demo_model"
+DEMO_NAME = "acestep-demo"
+
+
+def cache_folder() -> Path:
+    """$ACESTEP_GGUF_CACHE, else $XDG_CACHE_HOME/acestep-gguf, else ~/.cache/acestep-gguf."""
+    if os.environ.get("ACESTEP_GGUF_CACHE"):
+        return Path(os.environ["ACESTEP_GGUF_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "acestep-gguf"
+
+
+def demo_gguf_folder() -> Path:
+    return cache_folder() / f"{DEMO_NAME}-gguf"
+
+
+def ensure_demo_model(quant: str = "Q8_0") -> Path:
+    """The converted demo folder with ``quant`` in it; converts (seconds) only what is missing."""
+    if not (DEMO_CHECKPOINT / "model.safetensors").exists():
+        raise ModelFilesError(f"{DEMO_CHECKPOINT}: the demo checkpoint is not installed with this package")
+    folder = demo_gguf_folder()
+    try:
+        manifest = Manifest.read(folder)
+        present = {f.type for f in manifest.files if f.role == "language"} | {"+"}
+    except ModelFilesError:
+        present = {"+"}
+    wanted = sorted(present - {"+"} | {quant.upper()})
+    convert(DEMO_CHECKPOINT, out=folder, quant=wanted, mmproj_quant="F16", name=DEMO_NAME)
+    return folder
+
+
+def run_demo(folder: Path, image: str | None = None, prompt: str | None = None, seed: int | None = None,
+             quant: str = "Q8_0", verbose: bool = False) -> dict:
+    """Draw a picture (unless ``image`` is given), ask, and return what a person wants to see."""
+    rng = random.Random(seed)
+    expected = None
+    if image is None:
+        scene = random_scene(rng)
+        kind = rng.choice(list(QUESTIONS))
+        question = prompt or rng.choice(QUESTIONS[kind])
+        kinds = [k for k, qs in QUESTIONS.items() if question in qs]
+        expected = scene.answer(kinds[0]) if kinds else None
+        pictures = cache_folder() / "demo-pictures"
+        pictures.mkdir(parents=True, exist_ok=True)
+        image = str(pictures / f"shapes-{rng.randrange(10**8):08d}.png")
+        draw(scene, rng).save(image)
+    else:
+        question = prompt or "Describe this image."
+    with VisionChat.load(folder, quant=quant, n_ctx=2048, verbose=verbose) as chat:
+        answer = chat.ask(question, images=[image], max_tokens=32).strip()
+    return {"image": image, "question": question, "answer": answer, "expected": expected}

@@ -1,0 +1,61 @@
+"""A readable summary of one GGUF file, for `acestep-gguf info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gguf import GGMLQuantizationType, GGUFReader
+
+from ..errors import ModelFilesError
+from .model_files import FILE_TYPES
+
+
+def describe(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFilesError(f"{path}: no such file")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:
+        raise ModelFilesError(f"{path}: not a GGUF file ({e})") from None
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+            return len(f.data)
+        return f.contents()
+
+    arch = field("general.architecture")
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        name = GGMLQuantizationType(t.tensor_type).name
+        types[name] = types.get(name, 0) + 1
+    facts = {
+        "file": str(path), "bytes": path.stat().st_size, "architecture": arch, "name": field("general.name"),
+        "file_type": FILE_TYPES.get(field("general.file_type"), field("general.file_type")),
+        "tensors": len(reader.tensors), "tensor_types": types,
+        "parameters": int(sum(int(t.n_elements) for t in reader.tensors)),
+    }
+    if arch == "clip":
+        for key in ("clip.projector_type", "clip.vision.image_size", "clip.vision.patch_size",
+                    "clip.vision.embedding_length", "clip.vision.block_count", "clip.vision.projection_dim",
+                    "clip.vision.feature_layer", "clip.vision.image_mean", "clip.vision.image_std", "clip.use_gelu",
+                    "acestep_gguf.image.resize_shortest_edge"):
+            value = field(key)
+            if value is not None:
+                facts[key.split(".", 1)[1]] = value
+    else:
+        for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                    "attention.head_count", "attention.head_count_kv", "rope.freq_base", "rope.scaling.type",
+                    "rope.scaling.factor", "rope.scaling.original_context_length"):
+            value = field(f"{arch}.{key}")
+            if value is not None:
+                facts[key] = value
+        facts["tokenizer"] = f"{field('tokenizer.ggml.model')} / {field('tokenizer.ggml.pre')}, " \
+                             f"{field('tokenizer.ggml.tokens')} tokens, {field('tokenizer.ggml.merges')} merges"
+        facts["eos_token_id"] = field("tokenizer.ggml.eos_token_id")
+        template = field("tokenizer.chat_template")
+        facts["chat_template"] = (template[:120] + "…") if template and len(template) > 120 else template
+    return facts

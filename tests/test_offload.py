@@ -1,0 +1,81 @@
+"""The offload planner against hand-computed numbers: a real GGUF, and the ACE-Step 1.5 32B card."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from gguf import GGUFReader
+from typer.testing import CliRunner
+
+from acestep_gguf.cli import app
+from acestep_gguf.runtime.offload import (MARGIN_FIXED, parse_size, plan, shape_from_gguf, shape_from_preset)
+
+GIB = 1 << 30
+
+
+def test_sizes_parse():
+    assert parse_size("12GiB") == 12 * GIB == parse_size("12G") == parse_size("12 gib")
+    assert parse_size("11.5GB") == 11_500_000_000 and parse_size("800MiB") == 800 << 20 and parse_size(1234) == 1234
+
+
+def test_preset_q4_k_m_matches_the_published_qwen2_5_32b_size():
+    shape = shape_from_preset("ace-step-1.5", "Q4_K_M")
+    total = sum(shape.layer_bytes) + sum(shape.other_bytes.values())
+    assert total == pytest.approx(19.85e9, rel=0.003)  # bartowski/Qwen2.5-32B-Instruct-GGUF Q4_K_M: 19.85 GB
+    assert len(shape.layer_bytes) == 64
+    q8 = shape_from_preset("ace-step-1.5", "Q8_0")
+    assert sum(q8.layer_bytes) + sum(q8.other_bytes.values()) == pytest.approx(34.82e9, rel=0.003)
+
+
+def test_preset_plan_for_a_12_gib_card_by_hand():
+    shape = shape_from_preset("ace-step-1.5", "Q4_K_M")
+    result = plan(shape, 12 * GIB, 8192)
+    kv_layer = 2 * 8 * 128 * 2 * 8192  # K and V, 8 KV heads x 128, F16, 8K context
+    compute = 4 * 512 * (152064 + 40 * 8192 + 2 * 27648 + 4 * 5120)
+    mm_act = 4 * (2 * 1025 * (5120 + 4 * 1280) + 16 * 1025 ** 2)
+    margin = MARGIN_FIXED + int(0.05 * 12 * GIB)
+    free = 12 * GIB - compute - shape.mmproj_bytes - mm_act - margin
+    n, used = 0, 0
+    for layer in shape.layer_bytes:
+        if used + layer + kv_layer > free:
+            break
+        used += layer + kv_layer
+        n += 1
+    assert result.n_gpu_layers == n and 24 <= n <= 40  # roughly half of the 64 layers
+    assert result.kv_cache_bytes == n * kv_layer and result.kv_cache_total_bytes == 64 * kv_layer == 2 * GIB
+    assert result.compute_bytes == compute and result.margin_bytes == margin
+    assert result.headroom_bytes == free - used
+    assert not result.output_on_gpu
+
+
+def test_plan_of_a_real_gguf(converted):
+    model, mmproj = converted / "tiny-llava-Q8_0.gguf", converted / "mmproj-tiny-llava-F16.gguf"
+    shape = shape_from_gguf(model, mmproj)
+    reader = GGUFReader(model)
+    per_layer = [sum(int(t.n_bytes) for t in reader.tensors if t.name.startswith(f"blk.{i}.")) for i in range(2)]
+    assert shape.layer_bytes == per_layer
+    assert shape.mmproj_bytes == sum(int(t.n_bytes) for t in GGUFReader(mmproj).tensors)
+    big = plan(shape, 8 * GIB, 1024)
+    assert big.n_gpu_layers == 3 and big.output_on_gpu  # 2 layers + output layer
+    assert big.language_weights_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    none = plan(shape, 256 << 20, 1024)
+    assert none.n_gpu_layers == 0 and "does not cover" in none.reason
+    cpu = plan(shape, 8 * GIB, 1024, gpu_available=False)
+    assert cpu.n_gpu_layers == 0 and "no GPU support" in cpu.reason
+
+
+def test_plan_command_json_and_table(converted):
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "--preset", "ace-step-1.5", "--quant", "Q4_K_M", "--vram", "12GiB",
+                                 "--ctx", "8192", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in ("n_layers", "n_gpu_layers", "language_weights_bytes", "kv_cache_bytes", "mmproj_bytes",
+                "compute_bytes", "vram_budget_bytes", "headroom_bytes"):
+        assert key in data
+    assert data["n_layers"] == 64 and data["vram_budget_bytes"] == 12 * GIB
+    table = runner.invoke(app, ["plan", str(converted), "--vram", "4GiB"])
+    assert table.exit_code == 0 and "KV cache" in table.stdout and "layers on GPU: 3 of 3" in table.stdout
+    bad = runner.invoke(app, ["plan", "--preset", "ace-step-1.5", "--vram", "twelve"])
+    assert bad.exit_code == 1 and "--vram" in bad.stderr

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Build and install llama-cpp-python 0.3.36 from source with one fix applied to its vendored
+# llama.cpp: the llava CLIP graph puts the [CLS] token after the patches while its inputs assume
+# it comes first (ggml-org/llama.cpp#25814, fix proposed in #25844). Unfixed, every llava image is
+# encoded with shifted position embeddings, patch 0 dropped and [CLS] passed to the LLM.
+# The installed version is 0.3.36+acestep.1 (it satisfies ==0.3.36). Pass CMAKE_ARGS for CUDA:
+#   CMAKE_ARGS="-DGGML_CUDA=on" bash tools/build_llama_cpp.sh
+set -euo pipefail
+VERSION=0.3.36
+PY=${PYTHON:-python3}
+if "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$VERSION+acestep.1' else 1)" 2>/dev/null \
+   && [ -z "${FORCE:-}" ]; then
+  echo "llama-cpp-python $VERSION+acestep.1 is already installed (FORCE=1 rebuilds it)"
+  exit 0
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+"$PY" -m pip download --no-deps --no-binary :all: --no-build-isolation "llama-cpp-python==$VERSION" -d "$work" -q 2>/dev/null \
+  || "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work" -q
+tar -xzf "$work"/llama_cpp_python-$VERSION.tar.gz -C "$work"
+src="$work/llama_cpp_python-$VERSION"
+graph="$src/vendor/llama.cpp/tools/mtmd/models/llava.cpp"
+grep -q 'ggml_concat(ctx0, inp, model.class_embedding, 1)' "$graph" || { echo "llava.cpp has changed: patch no longer applies" >&2; exit 1; }
+sed -i 's/ggml_concat(ctx0, inp, model.class_embedding, 1)/ggml_concat(ctx0, model.class_embedding, inp, 1)/' "$graph"
+sed -i "s/^__version__ = \"$VERSION\"/__version__ = \"$VERSION+acestep.1\"/" "$src/llama_cpp/__init__.py"
+echo "building llama-cpp-python $VERSION+acestep.1 (about 5 minutes on 2 cores)"
+CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "$PY" -m pip install -q "$src"
+"$PY" -c "import llama_cpp; print('installed llama-cpp-python', llama_cpp.__version__)"
