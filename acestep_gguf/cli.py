@@ -117,8 +117,12 @@ def _load_chat(model: Optional[Path], quant, ctx, threads, gpu_layers, vram, sys
     if model is None and not folder.exists():
         raise AcestepGGUFError(f"no model: pass -m FOLDER, set ACESTEP_GGUF_MODEL, or run `acestep-gguf demo` once "
                                f"to convert the bundled demo model into {folder}")
-    return VisionChat.load(folder, quant=quant, n_ctx=ctx, n_threads=threads, n_gpu_layers=layers, vram=vram,
-                           system=system, seed=seed, verbose=verbose)
+    session = VisionChat.load(folder, quant=quant, n_ctx=ctx, n_threads=threads, n_gpu_layers=layers, vram=vram,
+                              system=system, seed=seed, verbose=verbose)
+    if not session.exact_vision:
+        err.print("[yellow]warning:[/yellow] this llama-cpp-python build mis-orders llava image tokens "
+                  "(llama.cpp#25814); answers about images are degraded. Install with tools/build_llama_cpp.sh.")
+    return session
 
 
 def _usage(chat) -> dict:
@@ -285,7 +289,8 @@ def plan(
         table.add_row(label, _size(gpu), _size(cpu) if cpu else "")
     table.add_row("headroom", _size(result.headroom_bytes), "")
     out.print(table)
-    out.print(f"layers on GPU: {result.n_gpu_layers} of {result.n_layers + 1} (incl. output layer) — {result.reason}")
+    where = "GPU" if result.output_on_gpu else "CPU"
+    out.print(f"--gpu-layers {result.n_gpu_layers}: {result.reason}; output layer on the {where}", highlight=False)
     if not llama_cpp.llama_supports_gpu_offload():
         out.print("note: this llama-cpp-python build is CPU-only; `chat --gpu-layers auto` will use 0 here "
                   "(see README: building with CUDA)")

@@ -70,13 +70,13 @@ def draw(scene: Scene, rng: random.Random, size: tuple[int, int] | None = None, 
     pen = ImageDraw.Draw(img)
     side = min(w, h) * scale
     x0, y0 = (w * scale - side) / 2, (h * scale - side) / 2
-    radius = side * rng.uniform(0.10, 0.16) if scene.count > 1 else side * rng.uniform(0.14, 0.28)
+    radius = side * rng.uniform(0.12, 0.17) if scene.count > 1 else side * rng.uniform(0.17, 0.30)
     centres: list[tuple[float, float]] = []
     for _ in range(scene.count):
         for _attempt in range(200):
             cx = x0 + rng.uniform(radius * 1.1, side - radius * 1.1)
             cy = y0 + rng.uniform(radius * 1.1, side - radius * 1.1)
-            if all(math.hypot(cx - a, cy - b) > 2.3 * radius for a, b in centres):
+            if all(math.hypot(cx - a, cy - b) > 2.25 * radius for a, b in centres):
                 break
         centres.append((cx, cy))
         colour = COLOURS[scene.colour]

@@ -76,6 +76,6 @@ def test_plan_command_json_and_table(converted):
         assert key in data
     assert data["n_layers"] == 64 and data["vram_budget_bytes"] == 12 * GIB
     table = runner.invoke(app, ["plan", str(converted), "--vram", "4GiB"])
-    assert table.exit_code == 0 and "KV cache" in table.stdout and "layers on GPU: 3 of 3" in table.stdout
+    assert table.exit_code == 0 and "KV cache" in table.stdout and "--gpu-layers 3: 2 of 2 layers fit plus the output layer" in table.stdout
     bad = runner.invoke(app, ["plan", "--preset", "ace-step-1.5", "--vram", "twelve"])
     assert bad.exit_code == 1 and "--vram" in bad.stderr

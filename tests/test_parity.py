@@ -3,9 +3,6 @@ Figures and the investigation behind the bounds are in docs/parity.md."""
 
 from __future__ import annotations
 
-import ctypes
-
-import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 import pytest
 import torch
@@ -77,19 +74,7 @@ def test_image_logprobs_match_transformers(chat, tiny_model, tokenizer, images, 
 
 
 def encode_with_llama(chat, image) -> np.ndarray:
-    prepared = prepare(image, RECIPE)
-    chunks = chat._tokenize("<__media__>", [prepared])
-    try:
-        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
-                assert mtmd.mtmd_encode_chunk(chat._mctx, chunk) == 0
-                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                embd = mtmd.mtmd_get_output_embd(chat._mctx)
-                return np.ctypeslib.as_array(ctypes.cast(embd, ctypes.POINTER(ctypes.c_float)), shape=(n * 64,)).reshape(n, 64).copy()
-    finally:
-        mtmd.mtmd_input_chunks_free(chunks)
-    raise AssertionError("no image chunk")
+    return chat.encode_image(image)
 
 
 def test_image_features_match_transformers(chat, tiny_model, images):

@@ -28,7 +28,7 @@ from acestep_gguf.convert.tokenizer import QWEN2_SPLIT  # noqa: E402
 from acestep_gguf.runtime.images import PixelRecipe, prepare  # noqa: E402
 from acestep_gguf.shapes import BACKGROUNDS, COLOURS, NUMBERS, QUESTIONS, SHAPES, sample  # noqa: E402
 
-IMAGE_SIZE, PATCH = 56, 14
+IMAGE_SIZE, PATCH = 84, 14
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -91,7 +91,7 @@ def batch(tok: Tokenizer, rng: random.Random, size: int):
     end = tok.token_to_id("<|im_end|>")
     rows, labels, pix = [], [], []
     for _ in range(size):
-        image, question, answer, _ = sample(rng, max_short=128)
+        image, question, answer, _ = sample(rng, max_short=168)
         p = prompt_ids(tok, question)
         a = tok.encode(answer).ids + [end]
         rows.append(p + a)
@@ -144,7 +144,7 @@ def save(model, tok: Tokenizer, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--seed", type=int, default=1234)

@@ -10,6 +10,7 @@ import codecs
 import ctypes
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,6 +26,9 @@ from ..templates import MEDIA_MARKER, sandbox
 from .images import PreparedImage, prepare
 from .model_files import ModelFiles, check_pair, pixel_recipe, read_fields, resolve
 from .offload import plan_offload
+
+
+PATCHED_BUILD = "+acestep.1"
 
 
 @dataclass
@@ -69,6 +73,8 @@ class VisionChat:
                  n_gpu_layers: int, verbose: bool):
         self.files, self.model_path, self.quant = files, files.model, files.quant
         self.n_gpu_layers = n_gpu_layers
+        # Stock llama.cpp mis-orders llava's [CLS] token (ggml-org/llama.cpp#25814); tools/build_llama_cpp.sh fixes it.
+        self.exact_vision = llama_cpp.__version__.endswith(PATCHED_BUILD)
         self._llm, self._mctx, self._recipe = llm, mctx, recipe
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._template = sandbox().from_string(llm.metadata.get("tokenizer.chat_template") or "")
@@ -172,25 +178,47 @@ class VisionChat:
         conversation does not advance. For parity checks and quality reports."""
         parts = [{"type": "image", "image": prepare(img, self._recipe)} for img in images]
         message = {"role": "user", "content": parts + [{"type": "text", "text": prompt}]}
-        if not self._lock.acquire(blocking=False):
-            raise BusyError("this VisionChat is already generating; wait for it or cancel() it")
-        try:
+        with self._lock_or_busy():
             self._cancel.clear()
             self.last_turn = TurnStats()
             self._prefill(self._messages + [message], self.last_turn)
             n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm.ctx, -1), shape=(n_vocab,))
-            logits = logits.astype(np.float64)
-            shifted = logits - logits.max()
+            shifted = logits.astype(np.float64) - logits.max()
             return shifted - np.log(np.exp(shifted).sum())
+
+    def encode_image(self, image) -> np.ndarray:
+        """The image's projected tokens as the language model receives them (n_tokens x n_embd,
+        float32); the conversation is untouched. For parity checks and embedding uses."""
+        prepared = prepare(image, self._recipe)
+        with self._lock_or_busy():
+            chunks = self._tokenize(MEDIA_MARKER, [prepared], add_special=False)
+            try:
+                for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                    chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                    if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                        if mtmd.mtmd_encode_chunk(self._mctx, chunk) != 0:
+                            raise ModelFilesError(f"llama.cpp failed to encode the image ({llama_log.recent()})")
+                        n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                        width = llama_cpp.llama_model_n_embd(self._llm.model)
+                        embd = ctypes.cast(mtmd.mtmd_get_output_embd(self._mctx), ctypes.POINTER(ctypes.c_float))
+                        return np.ctypeslib.as_array(embd, shape=(n * width,)).reshape(n, width).copy()
+            finally:
+                mtmd.mtmd_input_chunks_free(chunks)
+        raise ModelFilesError("mtmd produced no image chunk for the image")
+
+    @contextmanager
+    def _lock_or_busy(self):
+        if not self._lock.acquire(blocking=False):
+            raise BusyError("this VisionChat is already generating; wait for it or cancel() it")
+        try:
+            yield
         finally:
             self._lock.release()
 
     # -- one turn --------------------------------------------------------------------------------
     def _run(self, message: dict, options: SamplingOptions) -> Iterator[str]:
-        if not self._lock.acquire(blocking=False):
-            raise BusyError("this VisionChat is already generating; wait for it or cancel() it")
-        try:
+        with self._lock_or_busy():
             self._cancel.clear()
             self.last_turn = stats = TurnStats()
             started = time.perf_counter()
@@ -201,8 +229,6 @@ class VisionChat:
             for piece in self._generate(options, stats, started, reply):
                 reply["content"][0]["text"] += piece
                 yield piece
-        finally:
-            self._lock.release()
 
     def _render(self, messages: list[dict], splice: bool = True) -> list:
         """The prompt as pieces: ("text", str, images) or ("tokens", ids). Earlier replies are spliced

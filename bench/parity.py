@@ -1,0 +1,76 @@
+"""Parity figures for docs/parity.md: a tiny real LlavaForConditionalGeneration (tests/builders.py),
+converted to F16 and BF16, against transformers in float32.
+
+    python bench/parity.py
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+
+from builders import build_model, build_tokenizer, save_checkpoint, tiny_config  # noqa: E402
+from test_parity import (QUESTION, encode_with_llama, hf_logprobs, pixel_values, top10_gap)  # noqa: E402
+from transformers import CLIPImageProcessor  # noqa: E402
+from transformers.activations import ACT2FN  # noqa: E402
+
+from acestep_gguf import VisionChat, convert  # noqa: E402
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    tok = build_tokenizer()
+    model = build_model(tiny_config(tok))
+    work = Path(tempfile.mkdtemp())
+    convert(save_checkpoint(model, tok, work / "ckpt"), out=work / "out", quant="F16,BF16", name="p")
+    rng = np.random.default_rng(11)
+    images = {"random noise 90x70": Image.fromarray(rng.integers(0, 256, (90, 70, 3), np.uint8)),
+              "random noise 56x56": Image.fromarray(rng.integers(0, 256, (56, 56, 3), np.uint8)),
+              "flat colour 80x60": Image.new("RGB", (80, 60), (200, 40, 40))}
+    print("| model | prompt | same top-1 | max abs Δ log-prob over transformers' top-10 |\n|---|---|---|---|")
+    for quant in ("F16", "BF16"):
+        with VisionChat.load(work / "out", quant=quant) as chat:
+            ref = hf_logprobs(model, tok)
+            got = chat.next_token_logprobs(QUESTION)
+            print(f"| {quant} | text only | {got[:len(ref)].argmax() == ref.argmax()} | {top10_gap(ref, got):.1e} |")
+            for name, image in images.items():
+                ref = hf_logprobs(model, tok, image)
+                got = chat.next_token_logprobs(QUESTION, images=[image])
+                print(f"| {quant} | image: {name} | {got[:len(ref)].argmax() == ref.argmax()} | {top10_gap(ref, got):.1e} |")
+    with VisionChat.load(work / "out", quant="F16") as chat:
+        image = images["random noise 90x70"]
+        got = encode_with_llama(chat, image)
+        with torch.no_grad():
+            tower = model.model.vision_tower(pixel_values(image), output_hidden_states=True)
+            ref = model.model.multi_modal_projector(tower.hidden_states[-2][:, 1:])[0].numpy()
+        print(f"\nimage features (mtmd vs get_image_features): max |Δ| / max |feature| = "
+              f"{np.abs(got - ref).max() / np.abs(ref).max():.1e}")
+        ref_lp = hf_logprobs(model, tok, image)
+        ours = chat.next_token_logprobs(QUESTION, images=[image])
+        model.model.multi_modal_projector.act = ACT2FN["gelu_pytorch_tanh"]
+        for layer in model.model.vision_tower.encoder.layers:
+            layer.mlp.activation_fn = ACT2FN["gelu_pytorch_tanh"]
+        tanh = top10_gap(hf_logprobs(model, tok, image), ours)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.copy_(p.half().float())
+        rounded = top10_gap(hf_logprobs(model, tok, image), ours)
+        print(f"image prompt gap: as is {top10_gap(ref_lp, ours):.1e}; transformers with tanh-GELU "
+              f"{tanh:.1e}; and F16-rounded matrices {rounded:.1e}")
+    processor = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    worst = max(np.abs(pixel_values(im)[0].numpy() - processor(images=im, return_tensors="np")["pixel_values"][0]).max()
+                for im in images.values())
+    print(f"pixel preparation vs CLIPImageProcessor (PIL backend): max |Δ| = {worst:.1e} (normalised units)")
+
+
+if __name__ == "__main__":
+    main()

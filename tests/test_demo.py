@@ -1,0 +1,120 @@
+"""The shipped demo model: it converts, really sees, survives quantization, and `acestep-gguf demo` works
+from a fresh cache. The full report (hundreds of pictures) is bench/quality.py → docs/quality.md."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from acestep_gguf import VisionChat, convert
+from acestep_gguf.cli import app
+from acestep_gguf.demo import DEMO_CHECKPOINT
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tools")]
+
+from quality import held_out  # noqa: E402
+from train_demo_model import answer as torch_answer  # noqa: E402
+from train_demo_model import build_tokenizer  # noqa: E402
+
+N_PER_KIND = 40
+
+
+@pytest.fixture(scope="module")
+def demo_gguf(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo-gguf"
+    convert(DEMO_CHECKPOINT, out=out, quant="F16,Q8_0,Q4_K_M", mmproj_quant="F16", name="demo")
+    return out
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    """Colour and shape questions on held-out pictures (a seed training never used)."""
+    return [p for p in held_out(4 * N_PER_KIND) if p[3] in ("colour", "shape")]
+
+
+def gguf_accuracy(folder: Path, quant: str, pictures) -> float:
+    with VisionChat.load(folder, quant=quant, n_ctx=512) as chat:
+        right = 0
+        for image, question, expected, _ in pictures:
+            chat.reset()
+            right += chat.ask(question, images=[image], max_tokens=16).strip() == expected
+    return 100.0 * right / len(pictures)
+
+
+@pytest.fixture(scope="module")
+def torch_accuracy(pictures) -> float:
+    from transformers import LlavaForConditionalGeneration
+    model = LlavaForConditionalGeneration.from_pretrained(DEMO_CHECKPOINT, dtype=torch.float32).eval()
+    tok = build_tokenizer()
+    answers = [torch_answer(model, tok, image, question) for image, question, _, _ in pictures]
+    return 100.0 * sum(a == p[2] for a, p in zip(answers, pictures)) / len(pictures)
+
+
+@pytest.mark.parametrize("quant,floor", [("F16", 95.0), ("Q8_0", 95.0), ("Q4_K_M", 90.0)])
+def test_demo_model_answers_colour_and_shape(demo_gguf, pictures, quant, floor):
+    assert len(pictures) == 2 * N_PER_KIND
+    assert gguf_accuracy(demo_gguf, quant, pictures) >= floor
+
+
+def test_q8_0_is_within_two_points_of_pytorch(demo_gguf, pictures, torch_accuracy):
+    assert abs(gguf_accuracy(demo_gguf, "Q8_0", pictures) - torch_accuracy) <= 2.0
+
+
+def test_greedy_text_equals_mtmd_chat_handler(demo_gguf, pictures):
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import MTMDChatHandler
+
+    size = json.loads((DEMO_CHECKPOINT / "config.json").read_text())["vision_config"]["image_size"]
+    image = pictures[0][0].resize((size, size))  # model-sized: llama.cpp resizes nothing, neither do we
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    handler = MTMDChatHandler(clip_model_path=str(demo_gguf / "mmproj-demo-F16.gguf"), verbose=False)
+    llm = Llama(str(demo_gguf / "demo-Q8_0.gguf"), chat_handler=handler, n_ctx=512, verbose=False)
+    try:
+        for question in ("Describe this image.", "What colour is the shape?"):
+            reference = llm.create_chat_completion(
+                messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                       {"type": "text", "text": question}]}],
+                temperature=0.0, repeat_penalty=1.0, max_tokens=24)["choices"][0]["message"]["content"]
+            with VisionChat.load(demo_gguf, quant="Q8_0", n_ctx=512) as chat:
+                assert chat.ask(question, images=[uri], max_tokens=24) == reference
+            assert reference.endswith(".")
+    finally:
+        llm.close()
+
+
+def test_demo_command_from_a_fresh_cache(tmp_path):
+    runner = CliRunner()
+    env = {"ACESTEP_GGUF_CACHE": str(tmp_path / "cache")}
+    first = runner.invoke(app, ["demo", "--seed", "1"], env=env)
+    assert first.exit_code == 0, first.output
+    lines = dict(line.split(":", 1) for line in first.stdout.splitlines() if ":" in line)
+    assert Path(lines["image"].strip()).is_file() and lines["answer"].strip()
+    assert lines["answer"].strip() == lines["expected"].strip()
+    assert (tmp_path / "cache" / "acestep-demo-gguf" / "manifest.json").exists()
+    second = runner.invoke(app, ["demo", str(lines["image"].strip()), "-p", "What colour is the shape?"], env=env)
+    assert second.exit_code == 0 and "answer:" in second.stdout
+    # with no -m, chat uses the converted demo model
+    chat = runner.invoke(app, ["chat", lines["image"].strip(), "-p", "How many shapes are there?"], env=env)
+    assert chat.exit_code == 0 and chat.stdout.strip().endswith(".")
+
+
+def test_training_script_smoke(tmp_path):
+    out = tmp_path / "smoke"
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "train_demo_model.py"), "--out", str(out), "--steps", "3",
+                           "--batch", "4", "--no-eval"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+            "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+    manifest = convert(out, out=tmp_path / "gguf", quant="Q8_0", name="smoke")
+    assert [f.type for f in manifest.files] == ["Q8_0", "F16"]
