@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -132,7 +131,7 @@ def test_info_describes_both_files(converted):
     mm = cli("info", converted / "mmproj-tiny-llava-F16.gguf")
     assert mm.exit_code == 0 and "projector_type: mlp" in mm.stdout and "image_size: 56" in mm.stdout
     missing = cli("info", converted / "nope.gguf")
-    assert missing.exit_code == 1 and "no such file" in missing.stderr
+    assert missing.exit_code == 1 and "no such GGUF file" in missing.stderr
 
 
 def test_python_dash_m_entry_point(converted):

@@ -11,7 +11,7 @@ import ctypes
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,8 +25,7 @@ from ..system import default_threads
 from ..templates import MEDIA_MARKER, sandbox
 from .images import PreparedImage, prepare
 from .model_files import ModelFiles, check_pair, pixel_recipe, read_fields, resolve
-from .offload import plan_offload
-
+from .offload import N_UBATCH, plan_offload
 
 PATCHED_BUILD = "+acestep.1"
 
@@ -105,9 +104,9 @@ class VisionChat:
             n_gpu_layers = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx).n_gpu_layers
         llama_log.install(verbose)
         try:
-            llm = llama_cpp.Llama(str(files.model), n_ctx=n_ctx, n_threads=n_threads or default_threads(), n_gpu_layers=int(n_gpu_layers),
-                                  n_batch=min(n_ctx, 2048), n_ubatch=min(n_ctx, 2048), seed=seed or 0,
-                                  verbose=verbose)
+            llm = llama_cpp.Llama(str(files.model), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
+                                  n_gpu_layers=int(n_gpu_layers), n_batch=min(n_ctx, 2048),
+                                  n_ubatch=min(n_ctx, N_UBATCH), verbose=verbose)
         except ValueError as e:
             raise ModelFilesError(f"{files.model}: llama.cpp could not load it ({llama_log.recent() or e})") from None
         llama_log.install(verbose)  # Llama() installs its own logger; take it back

@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def decode(image) -> tuple[Image.Image, str]:
         if len(data) > MAX_BYTES:
             raise ImageError(f"{label}: {len(data)} bytes is over the {MAX_BYTES >> 20} MiB image limit")
         try:
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            with warnings.catch_warnings():  # we apply our own, lower pixel cap just below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(data), formats=FORMATS)
             _check_pixels(img, label)  # before decoding a single pixel
             img.load()
         except UnidentifiedImageError:

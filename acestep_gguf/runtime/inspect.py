@@ -4,20 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
-from ..errors import ModelFilesError
-from .model_files import FILE_TYPES
+from .model_files import FILE_TYPES, open_gguf
 
 
 def describe(path: Path) -> dict:
+    """The facts a person checks first: what the file is, its types and sizes, the tokenizer or vision setup."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelFilesError(f"{path}: no such file")
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:
-        raise ModelFilesError(f"{path}: not a GGUF file ({e})") from None
+    reader = open_gguf(path)
 
     def field(key, default=None):
         f = reader.fields.get(key)

@@ -24,14 +24,20 @@ class ModelFiles:
     quant: str
 
 
-def read_fields(path: Path, role: str) -> dict:
-    """Scalar and small-array metadata of a GGUF file (no tensor data is read)."""
+def open_gguf(path: Path, role: str = "GGUF") -> GGUFReader:
+    """gguf-py's reader (memory-mapped, headers parsed), or a one-line error naming the file."""
+    path = Path(path)
     if not path.is_file():
         raise ModelFilesError(f"{path}: no such {role} file")
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except Exception as e:
         raise ModelFilesError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def read_fields(path: Path, role: str) -> dict:
+    """Scalar and small-array metadata of a GGUF file (no tensor data is read)."""
+    reader = open_gguf(path, role)
     out = {}
     for key, field in reader.fields.items():
         if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.model"):

@@ -12,8 +12,9 @@ from pathlib import Path
 import llama_cpp
 from gguf import GGUFReader
 
-from ..errors import AcestepGGUFError, ModelFilesError
+from ..errors import AcestepGGUFError
 from ..models.presets import PRESETS, QUANT_RULES, language_tensor_bytes, mmproj_bytes
+from .model_files import open_gguf
 
 MIB = 1 << 20
 MARGIN_FIXED = 512 * MIB  # CUDA context, cuBLAS workspace, fragmentation
@@ -77,10 +78,7 @@ def parse_size(value: str | int | float) -> int:
 
 def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
     """Real tensor byte counts from the files (gguf-py reads headers only)."""
-    try:
-        lm = GGUFReader(model)
-    except Exception as e:
-        raise ModelFilesError(f"{model}: not a readable GGUF file ({e})") from None
+    lm = open_gguf(model, "language model")
     f = {k: v.contents() for k, v in lm.fields.items() if not k.startswith("tokenizer.")}
     arch = f.get("general.architecture")
     n_layer = int(f[f"{arch}.block_count"])
@@ -95,7 +93,7 @@ def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
     n_head, n_embd = int(f[f"{arch}.attention.head_count"]), int(f[f"{arch}.embedding_length"])
     v = {"bytes": 0, "n_pos": 0, "embd": 0, "ff": 0, "head": 0}
     if mmproj is not None:
-        mp = GGUFReader(mmproj)
+        mp = open_gguf(mmproj, "mmproj")
         g = {k: x.contents() for k, x in mp.fields.items()}
         size, patch = int(g["clip.vision.image_size"]), int(g["clip.vision.patch_size"])
         v = {"bytes": sum(int(t.n_bytes) for t in mp.tensors), "n_pos": (size // patch) ** 2 + 1,
