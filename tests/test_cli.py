@@ -140,3 +140,14 @@ def test_python_dash_m_entry_point(converted):
     done = subprocess.run([sys.executable, "-m", "acestep_gguf", "info", str(converted / "tiny-llava-F16.gguf")],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "architecture: qwen2" in done.stdout and done.stderr == ""
+
+
+def test_llama_cpp_stays_silent_unless_verbose(converted, noise_image):
+    """Only the answer reaches the terminal: no llama.cpp / mtmd log lines on stdout or stderr."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "acestep_gguf", "chat", str(noise_image), "-m", str(converted), "-p", "Hi", "--max-tokens", "3"]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == "" and len(quiet.stdout.splitlines()) <= 2
+    loud = subprocess.run(cmd + ["--verbose"], capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 0 and "llama_model_loader" in loud.stderr and "clip_model_loader" in loud.stderr

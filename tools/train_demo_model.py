@@ -144,9 +144,9 @@ def save(model, tok: Tokenizer, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=4400)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--eval", type=int, default=120, help="held-out pictures for the final check")
     ap.add_argument("--no-eval", action="store_true")

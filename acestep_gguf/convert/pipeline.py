@@ -68,10 +68,20 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, qua
     plan = make_plan(ckpt, family)
     name = name or _default_name(str(source), ckpt.folder)
     folder = Path(out or f"{name}-gguf").expanduser().resolve()
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{folder}: cannot create the output folder ({e.strerror})") from None
+    try:
+        return _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, threads, verbose, progress)
+    except BaseException:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # a failed first run leaves no trace at all
+        raise
+
+
+def _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, threads, verbose, progress) -> Manifest:
 
     previous = _previous(folder, ckpt.source["fingerprint"])
     wanted = [("language", t, f"{name}-{t}.gguf") for t in types] + [("vision", mmproj_quant, f"mmproj-{name}-{mmproj_quant}.gguf")]

@@ -72,6 +72,7 @@ class VisionChat:
                  n_gpu_layers: int, verbose: bool):
         self.files, self.model_path, self.quant = files, files.model, files.quant
         self.n_gpu_layers = n_gpu_layers
+        self.offload_plan = None
         # Stock llama.cpp mis-orders llava's [CLS] token (ggml-org/llama.cpp#25814); tools/build_llama_cpp.sh fixes it.
         self.exact_vision = llama_cpp.__version__.endswith(PATCHED_BUILD)
         self._llm, self._mctx, self._recipe = llm, mctx, recipe
@@ -100,8 +101,10 @@ class VisionChat:
         mmproj_fields = read_fields(files.mmproj, "mmproj")
         check_pair(model_fields, mmproj_fields, files)
         recipe = pixel_recipe(mmproj_fields, files.mmproj)
+        offload = None
         if n_gpu_layers == "auto":
-            n_gpu_layers = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx).n_gpu_layers
+            offload = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx)
+            n_gpu_layers = offload.n_gpu_layers
         llama_log.install(verbose)
         try:
             llm = llama_cpp.Llama(str(files.model), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
@@ -118,7 +121,9 @@ class VisionChat:
         if not mctx:
             llm.close()
             raise ModelFilesError(f"{files.mmproj}: llama.cpp could not load the mmproj ({llama_log.recent()})")
-        return cls(files, llm, mctx, recipe, system, seed, int(n_gpu_layers), verbose)
+        chat = cls(files, llm, mctx, recipe, system, seed, int(n_gpu_layers), verbose)
+        chat.offload_plan = offload  # why n_gpu_layers is what it is, when it was planned
+        return chat
 
     def close(self) -> None:
         if self._mctx:
