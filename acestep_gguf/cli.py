@@ -11,8 +11,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .errors import AcestepGGUFError
@@ -48,10 +50,19 @@ def default_model_folder() -> Path:
 
 
 # -- convert ---------------------------------------------------------------------------------------
+class _AmountColumn(ProgressColumn):
+    """'1.2/3.4 GB' for byte phases, '12/339 tensors' for quantize phases."""
+
+    def render(self, task) -> Text:
+        if task.fields.get("unit") == "bytes":
+            return Text(f"{_size(int(task.completed))} / {_size(int(task.total or 0))}")
+        return Text(f"{int(task.completed)}/{int(task.total or 0)} {task.fields.get('unit', '')}")
+
+
 class _RichConvertProgress:
     def __init__(self, show_bars: bool, show_lines: bool):
         self.show_lines = show_lines
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), _AmountColumn(), TimeRemainingColumn(),
                             console=err, transient=True) if show_bars else None
         self.task = None
 
@@ -68,13 +79,16 @@ class _RichConvertProgress:
         if self.bar:
             if self.task is not None:
                 self.bar.remove_task(self.task)
-            self.task = self.bar.add_task(name, total=total)
+            self.task = self.bar.add_task(name, total=total, unit=unit)
 
     def advance(self, completed: int) -> None:
         if self.bar and self.task is not None:
             self.bar.update(self.task, completed=completed)
 
     def file_done(self, entry, reused: bool) -> None:
+        if self.bar and self.task is not None:
+            self.bar.remove_task(self.task)
+            self.task = None
         if self.show_lines:
             verb = "kept (unchanged)" if reused else "wrote"
             err.print(f"{verb} {entry.file}  ({entry.role}, {entry.type}, {_size(entry.bytes)})", highlight=False,
