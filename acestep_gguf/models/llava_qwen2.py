@@ -231,11 +231,8 @@ def tensors(h: dict) -> list[TensorSpec]:
 
 def ignored(h: dict) -> list[Ignored]:
     """Source tensors that exist in real checkpoints but are deliberately not converted."""
-    skipped = [
-        Ignored(spec.source_name, "after vision_feature_layer: llava never computes this layer")
-        for spec in expand(VISION_BLOCK, h, "vision", h["v_n_layer"])
-        if int(spec.gguf_name.split(".")[2]) >= h["v_feature_layer"]
-    ]
+    skipped = [Ignored(source.format(bid=bid), "after vision_feature_layer: llava never computes this layer")
+               for bid in range(h["v_feature_layer"], h["v_n_layer"]) for source, _, _ in VISION_BLOCK]
     if h["tie_word_embeddings"]:
         skipped.append(Ignored("lm_head.weight", "tie_word_embeddings: the output reuses token_embd"))
     skipped += [Ignored(f"text.layers.{i}.self_attn.rotary_emb.inv_freq", "llama.cpp recomputes rotary frequencies")
