@@ -81,6 +81,7 @@ class VisionChat:
         self._system, self._seed, self._verbose = system, seed, verbose
         self._messages: list[dict] = []
         self._cache: list[_Cached] = []
+        self._piece_buf = ctypes.create_string_buffer(256)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._abort_cb = llama_cpp.ggml_abort_callback(lambda _: self._cancel.is_set())
@@ -158,6 +159,7 @@ class VisionChat:
         if self._system:
             self._messages.append({"role": "system", "content": [{"type": "text", "text": self._system}]})
         self._cache = []
+        self._n_past = 0  # positions held by the KV cache: the sum of self._cache's n_pos
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llm.ctx), True)
 
     def cancel(self) -> None:
@@ -288,7 +290,7 @@ class VisionChat:
                     f"({n_images} image(s)); call reset() or load with a larger n_ctx")
             keep = self._common_prefix(wanted)
             self._truncate(keep)
-            stats.reused_positions, stats.prompt_positions = sum(s.n_pos for s in self._cache), need
+            stats.reused_positions, stats.prompt_positions = self._n_past, need
             self._eval(wanted[keep:], sources[keep:], stats)
         finally:
             for chunks in chunk_lists:
@@ -349,8 +351,8 @@ class VisionChat:
         self._decode_text(pending, stats)
 
     def _truncate(self, keep: int) -> None:
-        pos = sum(s.n_pos for s in self._cache[:keep])
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm.ctx), 0, pos, -1)
+        self._n_past = sum(s.n_pos for s in self._cache[:keep])
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm.ctx), 0, self._n_past, -1)
         del self._cache[keep:]
 
     def _decode_text(self, spans: list[_Cached], stats: TurnStats) -> None:
@@ -360,13 +362,13 @@ class VisionChat:
             tokens = (llama_cpp.llama_token * len(part))(*[s.key[1] for s in part])
             self._check_decode(llama_cpp.llama_decode(self._llm.ctx, llama_cpp.llama_batch_get_one(tokens, len(part))))
             self._cache += part
+            self._n_past += len(part)
             stats.evaluated_positions += len(part)
 
     def _decode_image(self, chunk, span: _Cached, stats: TurnStats) -> None:
-        n_past = sum(s.n_pos for s in self._cache)
         new_n_past = llama_cpp.llama_pos(0)
-        status = mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._llm.ctx, chunk, n_past, 0, self._llm.n_batch,
-                                                    False, ctypes.byref(new_n_past))
+        status = mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._llm.ctx, chunk, self._n_past, 0,
+                                                    self._llm.n_batch, False, ctypes.byref(new_n_past))
         if self._cancel.is_set():
             self._truncate(len(self._cache))
             raise _Cancelled()
@@ -374,6 +376,7 @@ class VisionChat:
             self._truncate(len(self._cache))
             raise ModelFilesError(f"llama.cpp failed to encode an image (status {status}: {llama_log.recent()})")
         self._cache.append(span)
+        self._n_past += span.n_pos
         stats.evaluated_positions += span.n_pos
         stats.images_encoded += 1
         self.images_encoded_total += 1
@@ -401,9 +404,8 @@ class VisionChat:
         return chain
 
     def _piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:max(n, 0)]
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, False)
+        return self._piece_buf.raw[:max(n, 0)]
 
     def _generate(self, o: SamplingOptions, stats: TurnStats, started: float, reply: dict) -> Iterator[str]:
         sampler = self._sampler(o)
@@ -411,6 +413,7 @@ class VisionChat:
         text, sent, stop_hit = "", 0, False
         t_first = None
         generated: list[int] = []
+        stats_sink = TurnStats()  # generated tokens are not prompt evaluation
         reply["tokens"] = generated  # spliced into the next turn's prompt: its KV entries are reused
         try:
             while True:
@@ -438,11 +441,11 @@ class VisionChat:
                     stats.finish_reason = "stop"
                     reply["tokens"] = None
                     break
-                if sum(s.n_pos for s in self._cache) + 1 >= self.n_ctx:
+                if self._n_past + 1 >= self.n_ctx:
                     stats.finish_reason = "context"
                     break
                 try:
-                    self._decode_text([_Cached(("t", token), 1)], TurnStats())
+                    self._decode_text([_Cached(("t", token), 1)], stats_sink)
                 except _Cancelled:
                     stats.finish_reason = "cancelled"
                     break
