@@ -154,7 +154,7 @@ def main() -> None:
     from acestep_gguf.convert.language import language_file
     from acestep_gguf.convert.plan import make_plan
     from acestep_gguf.convert.quantize import quantize
-    from acestep_gguf.convert.safetensors_file import MappedFiles
+    from acestep_gguf.convert.safetensors_file import TensorReader
     from acestep_gguf.convert.vision import vision_file
     c = open_checkpoint(ckpt)
     plan = make_plan(c, pipeline.detect(c.config))
@@ -163,7 +163,7 @@ def main() -> None:
                                           ("clip", vision_file(plan, "bench"), "F16")):
         lossless = args.work / "lossless.gguf"
         t = time.perf_counter()
-        write_gguf(lossless, arch, meta, tensors, MappedFiles())
+        write_gguf(lossless, arch, meta, tensors, TensorReader())
         write_s += time.perf_counter() - t
         t = time.perf_counter()
         quantize(lossless, args.work / "q.gguf", target)

@@ -1,4 +1,4 @@
-"""Write a GGUF file one tensor at a time, in bounded chunks, straight from the memory-mapped source.
+"""Write a GGUF file one tensor at a time, in bounded chunks, straight from the source files.
 
 gguf-py's ``add_tensor`` keeps every tensor in memory until the end; here only one chunk of one
 tensor is ever materialised, so peak memory does not grow with model size."""
@@ -15,9 +15,8 @@ from gguf import GGUFWriter
 
 from ..errors import TensorError
 from ..models.spec import MetadataEntry
-from .safetensors_file import MappedFiles, SourceTensor
+from .safetensors_file import SourceTensor, TensorReader
 
-CHUNK_ELEMENTS = 8 * 1024 * 1024  # 32 MB of F32 per chunk
 OUT_ITEM = {Q.F32: (np.float32, 4), Q.F16: (np.float16, 2), Q.BF16: (np.uint16, 2)}
 SOURCE_TYPE = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 
@@ -34,10 +33,19 @@ def lossless_type(source: SourceTensor) -> Q:
     return Q.F32 if len(source.shape) < 2 else SOURCE_TYPE[source.dtype]
 
 
-def _finite(chunk: np.ndarray, dtype: str) -> bool:
-    if dtype == "BF16":  # exponent all ones = Inf or NaN
-        return not np.any((chunk & 0x7F80) == 0x7F80)
-    return bool(np.isfinite(chunk).all())
+# NaN and Inf are the bit patterns whose exponent is all ones: |bits| >= the infinity pattern.
+NON_FINITE = {"BF16": (np.uint16, 0x7FFF, 0x7F80), "F16": (np.uint16, 0x7FFF, 0x7C00),
+              "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000)}
+
+
+def _finite(chunk: np.ndarray, dtype: str, scratch: np.ndarray) -> bool:
+    """One AND into a reused scratch buffer and one max: no temporaries per chunk."""
+    if chunk.size == 0:
+        return True
+    bits, mask, infinity = NON_FINITE[dtype]
+    out = scratch.view(bits)[:chunk.size]
+    np.bitwise_and(chunk.view(bits), mask, out=out)
+    return int(out.max()) < infinity
 
 
 def _convert(chunk: np.ndarray, dtype: str, out_type: Q) -> np.ndarray:
@@ -51,7 +59,7 @@ def _convert(chunk: np.ndarray, dtype: str, out_type: Q) -> np.ndarray:
 
 
 def write_gguf(path: Path, arch: str, metadata: Sequence[MetadataEntry], tensors: Sequence[OutTensor],
-               files: MappedFiles, advance: Callable[[int], None] = lambda n: None) -> None:
+               reader: TensorReader, advance: Callable[[int], None] = lambda n: None) -> None:
     """Header, metadata and tensor infos first, then each tensor's data chunk by chunk."""
     writer = GGUFWriter(path, arch)
     try:
@@ -65,15 +73,14 @@ def write_gguf(path: Path, arch: str, metadata: Sequence[MetadataEntry], tensors
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         fout = writer.fout[0]
+        scratch = np.empty(reader.chunk_bytes // 4, dtype=np.uint32)  # the size of the largest chunk
         for t in tensors:
             writer.write_padding(fout, fout.tell())
-            flat = files.array(t.source).reshape(-1)
-            for i in range(0, flat.size, CHUNK_ELEMENTS):
-                chunk = flat[i:i + CHUNK_ELEMENTS]
-                if not _finite(chunk, t.source.dtype):
+            for chunk in reader.chunks(t.source):
+                if not _finite(chunk, t.source.dtype, scratch):
                     raise TensorError(f"{t.source.file.name}: tensor {t.source.name!r} contains NaN or Inf values")
-                _convert(chunk, t.source.dtype, t.out_type).tofile(fout)
-                advance(chunk.size * chunk.itemsize)
+                fout.write(_convert(chunk, t.source.dtype, t.out_type).data)
+                advance(chunk.nbytes)
             writer.write_padding(fout, fout.tell())
     finally:
         writer.close()

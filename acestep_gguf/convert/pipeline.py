@@ -17,7 +17,7 @@ from .language import language_file
 from .outputs import PartialFiles, check_space, publish, still_valid, verify, write_manifest
 from .plan import make_plan
 from .quantize import ALL_QUANTIZED, LANGUAGE_TYPES, VISION_TYPES, quantize
-from .safetensors_file import MappedFiles
+from .safetensors_file import TensorReader
 from .vision import vision_file
 
 # Approximate bits per weight, for the free-space check only.
@@ -95,7 +95,7 @@ def _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, 
         else:
             todo.append((role, t, file))
 
-    files = MappedFiles()
+    files = TensorReader()
     written: dict[tuple[str, str], ManifestFile] = {}
     try:
         if todo:

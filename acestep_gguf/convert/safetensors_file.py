@@ -103,21 +103,37 @@ def _tensor(path: Path, name: str, entry, data_start: int) -> SourceTensor:
     return SourceTensor(name, path, dtype, tuple(shape), data_start + offsets[0], nbytes)
 
 
-class MappedFiles:
-    """One read-only memory map per file, shared by all tensors in it: pages, not copies."""
+class TensorReader:
+    """Reads tensors in bounded chunks into one reusable buffer: no page-fault storm from a memory
+    map, and memory that stays the size of one chunk whatever the model size."""
 
-    def __init__(self):
-        self._maps: dict[Path, np.memmap] = {}
+    def __init__(self, chunk_bytes: int = 32 << 20):
+        self._files: dict[Path, object] = {}
+        self._buffer = bytearray(chunk_bytes)
 
-    def array(self, t: SourceTensor) -> np.ndarray:
+    @property
+    def chunk_bytes(self) -> int:
+        return len(self._buffer)
+
+    def chunks(self, t: SourceTensor):
+        """Yield consecutive views of the tensor's elements (each valid until the next one)."""
         if t.dtype not in NUMPY_VIEW:
             raise TensorError(f"{t.file.name}: tensor {t.name!r} has dtype {t.dtype}; only BF16, F16 and F32 are supported")
-        if t.nbytes == 0:
-            return np.zeros(t.shape, dtype=NUMPY_VIEW[t.dtype])
-        if t.file not in self._maps:
-            self._maps[t.file] = np.memmap(t.file, dtype=np.uint8, mode="r")
-        raw = self._maps[t.file][t.start:t.start + t.nbytes]
-        return raw.view(NUMPY_VIEW[t.dtype]).reshape(t.shape)
+        f = self._files.get(t.file)
+        if f is None:
+            f = self._files[t.file] = open(t.file, "rb", buffering=0)
+        item = ITEM_BYTES[t.dtype]
+        step = len(self._buffer) // item * item
+        f.seek(t.start)
+        view = memoryview(self._buffer)
+        for done in range(0, t.nbytes, step):
+            n = min(step, t.nbytes - done)
+            got = f.readinto(view[:n])
+            if got != n:
+                raise TensorError(f"{t.file.name}: tensor {t.name!r} is cut short (the file changed while reading?)")
+            yield np.frombuffer(self._buffer, dtype=NUMPY_VIEW[t.dtype], count=n // item)
 
     def close(self):
-        self._maps.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
