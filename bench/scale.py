@@ -155,13 +155,12 @@ def main() -> None:
         s = language_speed(out, quant, 2, 256, 32, args.reps)
         s["decode_bound_tps"] = bandwidth * 1e9 / s["bytes_per_token"]
         s["decode_fraction_of_bound"] = s["decode_tps"] / s["decode_bound_tps"]
-        # 64 layers: decode scales with bytes read, prefill with weights multiplied (both ~ parameters)
-        per_layer = s["layer_bytes"] / args.layers
-        full_bytes = 64 * per_layer + s["output_bytes"]
-        s["extrapolated_64_layers"] = {
-            "decode_tps": s["decode_tps"] * s["bytes_per_token"] / full_bytes,
-            "prefill_tps": s["prefill_tps"] * (s["bytes_per_token"] / full_bytes),
-            "image_prefill_s_1024_tokens": 1024 / (s["prefill_tps"] * s["bytes_per_token"] / full_bytes)}
+        # 64 layers: decode time scales with bytes read per token (layers + output matrix); prefill
+        # time with the layers only (the output matrix is applied to the last prompt token alone)
+        full_bytes = 64 * s["layer_bytes"] / args.layers + s["output_bytes"]
+        prefill_64 = s["prefill_tps"] * args.layers / 64
+        s["extrapolated_64_layers"] = {"decode_tps": s["decode_tps"] * s["bytes_per_token"] / full_bytes,
+                                       "prefill_tps": prefill_64, "image_prefill_s_1024_tokens": 1024 / prefill_64}
         speeds.append(s)
     result["language"] = speeds
 
