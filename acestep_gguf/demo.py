@@ -9,7 +9,6 @@ from pathlib import Path
 
 from .convert import convert
 from .errors import ModelFilesError
-from .manifest import Manifest
 from .runtime import VisionChat
 from .shapes import QUESTIONS, draw, random_scene
 
@@ -33,13 +32,7 @@ def ensure_demo_model(quant: str = "Q8_0") -> Path:
     if not (DEMO_CHECKPOINT / "model.safetensors").exists():
         raise ModelFilesError(f"{DEMO_CHECKPOINT}: the demo checkpoint is not installed with this package")
     folder = demo_gguf_folder()
-    try:
-        manifest = Manifest.read(folder)
-        present = {f.type for f in manifest.files if f.role == "language"} | {"+"}
-    except ModelFilesError:
-        present = {"+"}
-    wanted = sorted(present - {"+"} | {quant.upper()})
-    convert(DEMO_CHECKPOINT, out=folder, quant=wanted, mmproj_quant="F16", name=DEMO_NAME)
+    convert(DEMO_CHECKPOINT, out=folder, quant=[quant], mmproj_quant="F16", name=DEMO_NAME)  # reuses what matches
     return folder
 
 
