@@ -98,13 +98,13 @@ class _RichConvertProgress:
 @app.command()
 def convert(
     source: str = typer.Argument(..., help="Checkpoint folder or Hugging Face repo id (owner/name)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder [default: ./<name>-gguf]."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: ./<name>-gguf)."),
     quant: str = typer.Option("Q4_K_M", "--quant", "-q", help="Language-model types, comma-separated: Q4_K_M, "
                               "Q5_K_M, Q8_0, F16, BF16, or 'all' (the three quantized ones)."),
     mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type: F16 or Q8_0."),
-    name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files [default: source name]."),
+    name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files (default: source name)."),
     force: bool = typer.Option(False, "--force", help="Redo outputs even when the manifest says they match."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads [default: all cores]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="Print errors only."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
@@ -149,10 +149,10 @@ def _usage(chat) -> dict:
 @app.command()
 def chat(
     images: List[str] = typer.Argument(None, help="Images for the first message (JPEG, PNG, WEBP)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted folder [default: the demo model]."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted folder (default: the demo model)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this once and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type [default: best present]."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (default: best present)."),
     max_tokens: int = typer.Option(512, "--max-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)."),
     top_p: float = typer.Option(0.95, "--top-p"),
@@ -160,7 +160,7 @@ def chat(
     ctx: int = typer.Option(8192, "--ctx", help="Context length in tokens."),
     threads: Optional[int] = typer.Option(None, "--threads"),
     gpu_layers: str = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number."),
-    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget, e.g. 12GiB [default: free VRAM]."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget, e.g. 12GiB (default: free VRAM)."),
     as_json: bool = typer.Option(False, "--json", help="With -p: print one JSON object instead of streaming."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
 ):
@@ -328,8 +328,8 @@ def info(file: Path = typer.Argument(..., help="A .gguf file (language model or 
 # -- demo ------------------------------------------------------------------------------------------
 @app.command()
 def demo(
-    image: Optional[str] = typer.Argument(None, help="An image to ask about [default: a freshly drawn one]."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The question [default: a random one]."),
+    image: Optional[str] = typer.Argument(None, help="An image to ask about (default: a freshly drawn one)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The question (default: a random one)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the drawn picture and question."),
     quant: str = typer.Option("Q8_0", "--quant"),
     verbose: bool = typer.Option(False, "--verbose"),
