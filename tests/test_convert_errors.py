@@ -209,3 +209,22 @@ def test_not_enough_disk_space_is_reported_before_writing(tmp_path, fresh_checkp
     out.mkdir()
     assert_clean_failure(cli("convert", fresh_checkpoint(), "--out", out), "GB free", "needs about")
     assert list(out.iterdir()) == []  # an existing folder stays, empty
+
+
+def test_unwritable_output_folder(tmp_path, fresh_checkpoint):
+    import os
+    out = tmp_path / "locked"
+    out.mkdir()
+    os.chmod(out, 0o500)
+    try:
+        if os.access(out, os.W_OK):  # running as root: permissions are not enforced, use a file instead
+            os.chmod(out, 0o700)
+            out.rmdir()
+            out.write_text("a file where the folder should be")
+            assert_clean_failure(cli("convert", fresh_checkpoint(), "--out", out), str(out))
+            assert out.read_text() == "a file where the folder should be"
+        else:
+            assert_clean_failure(cli("convert", fresh_checkpoint(), "--out", out), "Permission denied")
+    finally:
+        if out.is_dir():
+            os.chmod(out, 0o700)

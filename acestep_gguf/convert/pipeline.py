@@ -75,10 +75,11 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, qua
         raise OutputError(f"{folder}: cannot create the output folder ({e.strerror})") from None
     try:
         return _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, threads, verbose, progress)
-    except BaseException:
-        if created and not any(folder.iterdir()):
+    except OSError as e:  # disk full, permissions, a file removed under us: name it, no traceback
+        raise OutputError(f"{e.filename or folder}: {e.strerror or e}") from None
+    finally:
+        if created and folder.exists() and not any(folder.iterdir()):
             folder.rmdir()  # a failed first run leaves no trace at all
-        raise
 
 
 def _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, threads, verbose, progress) -> Manifest:
