@@ -98,3 +98,19 @@ def test_vocabulary_is_padded_to_the_embedding_rows(converted_qwen2):
     reader = GGUFReader(converted_qwen2[1])
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == 152064
     assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == 151645  # <|im_end|>
+
+
+def test_fast_header_reader_agrees_with_gguf_py(converted_qwen2):
+    """The runtime's header reader (no per-token parsing) against gguf-py on a 152k-token file."""
+    from acestep_gguf.runtime.gguf_header import LongArray, read_header
+    from acestep_gguf.runtime.inspect import describe
+
+    path = converted_qwen2[1]
+    ours, reference = read_header(path), GGUFReader(path)
+    assert ours.fields["tokenizer.ggml.tokens"] == LongArray(152064)
+    assert ours.fields["tokenizer.ggml.merges"] == LongArray(len(reference.fields["tokenizer.ggml.merges"].data))
+    for key in ("general.architecture", "qwen2.embedding_length", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert ours.fields[key] == reference.fields[key].contents()
+    assert [(t.name, t.shape, t.n_bytes) for t in ours.tensors] == \
+        [(t.name, tuple(int(d) for d in t.shape), int(t.n_bytes)) for t in reference.tensors]
+    assert "152064 tokens" in describe(path)["tokenizer"]

@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from gguf import GGMLQuantizationType
-
-from .model_files import FILE_TYPES, open_gguf
+from .gguf_header import LongArray, read_header
+from .model_files import FILE_TYPES
 
 
 def describe(path: Path) -> dict:
     """The facts a person checks first: what the file is, its types and sizes, the tokenizer or vision setup."""
     path = Path(path)
-    reader = open_gguf(path)
+    header = read_header(path)
 
     def field(key, default=None):
-        f = reader.fields.get(key)
-        if f is None:
-            return default
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-            return len(f.data)
-        return f.contents()
+        value = header.fields.get(key, default)
+        return value.count if isinstance(value, LongArray) else value
 
     arch = field("general.architecture")
     types: dict[str, int] = {}
-    for t in reader.tensors:
-        name = GGMLQuantizationType(t.tensor_type).name
-        types[name] = types.get(name, 0) + 1
+    for t in header.tensors:
+        types[t.type.name] = types.get(t.type.name, 0) + 1
     facts = {
         "file": str(path), "bytes": path.stat().st_size, "architecture": arch, "name": field("general.name"),
         "file_type": FILE_TYPES.get(field("general.file_type"), field("general.file_type")),
-        "tensors": len(reader.tensors), "tensor_types": types,
-        "parameters": int(sum(int(t.n_elements) for t in reader.tensors)),
+        "tensors": len(header.tensors), "tensor_types": types,
+        "parameters": sum(math.prod(t.shape) for t in header.tensors),
     }
     if arch == "clip":
         for key in ("clip.projector_type", "clip.vision.image_size", "clip.vision.patch_size",
@@ -49,8 +44,13 @@ def describe(path: Path) -> dict:
             if value is not None:
                 facts[key] = value
         facts["tokenizer"] = f"{field('tokenizer.ggml.model')} / {field('tokenizer.ggml.pre')}, " \
-                             f"{field('tokenizer.ggml.tokens')} tokens, {field('tokenizer.ggml.merges')} merges"
+                             f"{_count(header.fields.get('tokenizer.ggml.tokens'))} tokens, " \
+                             f"{_count(header.fields.get('tokenizer.ggml.merges'))} merges"
         facts["eos_token_id"] = field("tokenizer.ggml.eos_token_id")
         template = field("tokenizer.chat_template")
         facts["chat_template"] = (template[:120] + "…") if template and len(template) > 120 else template
     return facts
+
+
+def _count(value) -> int:
+    return value.count if isinstance(value, LongArray) else len(value or [])

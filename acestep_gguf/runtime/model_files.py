@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGUFReader
-
 from ..errors import ModelFilesError
 from ..manifest import MANIFEST, Manifest
+from .gguf_header import read_header
 from .images import PixelRecipe
 
 
@@ -24,30 +23,10 @@ class ModelFiles:
     quant: str
 
 
-def open_gguf(path: Path, role: str = "GGUF") -> GGUFReader:
-    """gguf-py's reader (memory-mapped, headers parsed), or a one-line error naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFilesError(f"{path}: no such {role} file")
-    try:
-        return GGUFReader(path)
-    except Exception as e:
-        raise ModelFilesError(f"{path}: not a readable GGUF file ({e})") from None
-
-
 def read_fields(path: Path, role: str) -> dict:
-    """Scalar and small-array metadata of a GGUF file (no tensor data is read)."""
-    reader = open_gguf(path, role)
-    out = {}
-    for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.model"):
-            continue  # 150k-entry arrays: not needed here
-        try:
-            out[key] = field.contents()
-        except Exception:
-            continue
-    out["__tensors__"] = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
-    return out
+    """Metadata of a GGUF file (long tokenizer arrays only counted), plus "__tensors__": name → shape."""
+    header = read_header(path, role)
+    return {**header.fields, "__tensors__": {t.name: list(t.shape) for t in header.tensors}}
 
 
 def resolve(folder: str | Path | None = None, *, model: str | Path | None = None, mmproj: str | Path | None = None,

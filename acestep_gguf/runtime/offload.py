@@ -10,11 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import llama_cpp
-from gguf import GGUFReader
 
 from ..errors import AcestepGGUFError
 from ..models.presets import PRESETS, QUANT_RULES, language_tensor_bytes, mmproj_bytes
-from .model_files import open_gguf
+from .gguf_header import read_header
 
 MIB = 1 << 20
 MARGIN_FIXED = 512 * MIB  # CUDA context, cuBLAS workspace, fragmentation
@@ -77,9 +76,9 @@ def parse_size(value: str | int | float) -> int:
 
 
 def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
-    """Real tensor byte counts from the files (gguf-py reads headers only)."""
-    lm = open_gguf(model, "language model")
-    f = {k: v.contents() for k, v in lm.fields.items() if not k.startswith("tokenizer.")}
+    """Real tensor byte counts from the files (headers only)."""
+    lm = read_header(model, "language model")
+    f = lm.fields
     arch = f.get("general.architecture")
     n_layer = int(f[f"{arch}.block_count"])
     layers = [0] * n_layer
@@ -87,26 +86,23 @@ def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
     for t in lm.tensors:
         m = re.match(r"blk\.(\d+)\.", t.name)
         if m:
-            layers[int(m.group(1))] += int(t.n_bytes)
+            layers[int(m.group(1))] += t.n_bytes
         else:
-            other[t.name] = int(t.n_bytes)
+            other[t.name] = t.n_bytes
     n_head, n_embd = int(f[f"{arch}.attention.head_count"]), int(f[f"{arch}.embedding_length"])
+    n_vocab = next(t.shape[1] for t in lm.tensors if t.name == "token_embd.weight")
     v = {"bytes": 0, "n_pos": 0, "embd": 0, "ff": 0, "head": 0}
     if mmproj is not None:
-        mp = open_gguf(mmproj, "mmproj")
-        g = {k: x.contents() for k, x in mp.fields.items()}
+        mp = read_header(mmproj, "mmproj")
+        g = mp.fields
         size, patch = int(g["clip.vision.image_size"]), int(g["clip.vision.patch_size"])
-        v = {"bytes": sum(int(t.n_bytes) for t in mp.tensors), "n_pos": (size // patch) ** 2 + 1,
+        v = {"bytes": sum(t.n_bytes for t in mp.tensors), "n_pos": (size // patch) ** 2 + 1,
              "embd": int(g["clip.vision.embedding_length"]), "ff": int(g["clip.vision.feed_forward_length"]),
              "head": int(g["clip.vision.attention.head_count"])}
     return ModelShape(layers, other, n_head, int(f.get(f"{arch}.attention.head_count_kv", n_head)),
                       int(f.get(f"{arch}.attention.key_length", n_embd // n_head)), n_embd,
-                      int(f[f"{arch}.feed_forward_length"]), _rows(lm, "token_embd.weight"),
+                      int(f[f"{arch}.feed_forward_length"]), n_vocab,
                       v["bytes"], v["n_pos"], v["embd"], v["ff"], v["head"])
-
-
-def _rows(reader: GGUFReader, name: str) -> int:
-    return next(int(t.shape[1]) for t in reader.tensors if t.name == name)
 
 
 def shape_from_preset(preset: str, quant: str, mmproj_quant: str = "F16") -> ModelShape:
