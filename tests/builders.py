@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
+from acestep_gguf.convert.plan import canonical_name
 from acestep_gguf.convert.tokenizer import QWEN2_SPLIT
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
@@ -81,14 +82,7 @@ def style_names(state: dict, style: str) -> dict:
                  ("model.vision_tower.", "vision_tower.vision_model."),
                  ("model.multi_modal_projector.", "multi_modal_projector.")],
     }[style]
-    out = {}
-    for name, tensor in state.items():
-        for old, new in rules:
-            if name.startswith(old):
-                name = new + name[len(old):]
-                break
-        out[name] = tensor
-    return out
+    return {canonical_name(name, rules) or name: tensor for name, tensor in state.items()}
 
 
 def save_checkpoint(model: LlavaForConditionalGeneration, tokenizer: Tokenizer, folder: Path, *, style: str = "saved5",

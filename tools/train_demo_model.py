@@ -24,6 +24,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from acestep_gguf.convert.plan import canonical_name  # noqa: E402
 from acestep_gguf.convert.tokenizer import QWEN2_SPLIT  # noqa: E402
 from acestep_gguf.runtime.images import PixelRecipe, prepare  # noqa: E402
 from acestep_gguf.shapes import BACKGROUNDS, COLOURS, NUMBERS, QUESTIONS, SHAPES, sample  # noqa: E402
@@ -120,13 +121,7 @@ def save(model, tok: Tokenizer, out: Path) -> None:
     state = {k: v.detach().to(torch.bfloat16).contiguous().clone() for k, v in model.state_dict().items()}
     rename = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
               ("model.vision_tower.", "vision_tower.vision_model."), ("model.multi_modal_projector.", "multi_modal_projector.")]
-    named = {}
-    for k, v in state.items():
-        for old, new in rename:
-            if k.startswith(old):
-                k = new + k[len(old):]
-                break
-        named[k] = v
+    named = {canonical_name(k, rename) or k: v for k, v in state.items()}
     save_file(named, out / "model.safetensors", metadata={"format": "pt"})
     model.config.save_pretrained(out)
     tok.save(str(out / "tokenizer.json"))

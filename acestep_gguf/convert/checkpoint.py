@@ -27,10 +27,6 @@ class Checkpoint:
     tensors: dict[str, SourceTensor]
     source: dict = field(default_factory=dict)  # what the manifest records about where this came from
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
 
 def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
     """A validated view of the checkpoint; nothing but headers and JSON files is read."""

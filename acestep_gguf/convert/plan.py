@@ -25,12 +25,9 @@ class Plan:
     vision: list[PlannedTensor]
     ignored: dict[str, str]  # stored source name -> reason
 
-    @property
-    def largest_tensor_elements(self) -> int:
-        return max(p.source.n_elements for p in self.language + self.vision)
-
 
 def canonical_name(name: str, replacements) -> str | None:
+    """Apply the first (prefix, replacement) pair that matches; None when none does."""
     for prefix, canonical in replacements:
         if name.startswith(prefix):
             return canonical + name[len(prefix):]

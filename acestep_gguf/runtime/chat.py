@@ -69,7 +69,7 @@ class VisionChat:
     """A conversation about images with one loaded model. One generation at a time."""
 
     def __init__(self, files: ModelFiles, llm: llama_cpp.Llama, mctx, recipe, system: str | None, seed: int | None,
-                 n_gpu_layers: int, verbose: bool):
+                 n_gpu_layers: int):
         self.files, self.model_path, self.quant = files, files.model, files.quant
         self.n_gpu_layers = n_gpu_layers
         self.offload_plan = None
@@ -78,7 +78,7 @@ class VisionChat:
         self._llm, self._mctx, self._recipe = llm, mctx, recipe
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._template = sandbox().from_string(llm.metadata.get("tokenizer.chat_template") or "")
-        self._system, self._seed, self._verbose = system, seed, verbose
+        self._system, self._seed = system, seed
         self._messages: list[dict] = []
         self._cache: list[_Cached] = []
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -122,7 +122,7 @@ class VisionChat:
         if not mctx:
             llm.close()
             raise ModelFilesError(f"{files.mmproj}: llama.cpp could not load the mmproj ({llama_log.recent()})")
-        chat = cls(files, llm, mctx, recipe, system, seed, int(n_gpu_layers), verbose)
+        chat = cls(files, llm, mctx, recipe, system, seed, int(n_gpu_layers))
         chat.offload_plan = offload  # why n_gpu_layers is what it is, when it was planned
         return chat
 
