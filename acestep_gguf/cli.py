@@ -1,4 +1,7 @@
-"""The `acestep-gguf` command: parse arguments, call the library, print. Nothing else lives here."""
+"""The `acestep-gguf` command: parse arguments, call the library, print. Nothing else lives here.
+
+Text that comes from a model, a template, a file or the user is printed literally (no Rich markup,
+no emoji codes): a reply containing "[/INST]" or ":smile:" shows exactly that."""
 
 from __future__ import annotations
 
@@ -17,12 +20,26 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .errors import AcestepGGUFError
+from .errors import AcestepGGUFError, OptionError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Convert llava-style (Qwen2 + CLIP + MLP) checkpoints to GGUF and chat about images offline.")
-err = Console(stderr=True)
-out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
+
+
+def say(text: str, end: str = "\n") -> None:
+    """Model output and facts, byte for byte, to stdout."""
+    out.file.write(text + end)
+    out.file.flush()
+
+
+def note(text: str, style: str = "dim") -> None:
+    err.print(Text(text, style=style), soft_wrap=True)
+
+
+def error_line(message: str) -> None:
+    err.print(Text.assemble(("error: ", "red"), str(message)), soft_wrap=True)
 
 
 @contextmanager
@@ -31,10 +48,10 @@ def _errors():
     try:
         yield
     except AcestepGGUFError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, markup=True, soft_wrap=True)
+        error_line(str(e))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]")
+        err.print(Text("interrupted", style="red"))
         raise typer.Exit(130) from None
 
 
@@ -42,11 +59,27 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def default_model_folder() -> Path:
-    """$ACESTEP_GGUF_MODEL, else the demo model's converted folder in the user cache."""
-    from .demo import demo_gguf_folder
+def gpu_layers_option(value: str) -> str | int:
+    """--gpu-layers: 'auto' or a whole number of at least 0."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise OptionError(f"--gpu-layers {value!r}: use 'auto' or a whole number of layers (0 = CPU only)") from None
+    if n < 0:
+        raise OptionError(f"--gpu-layers {value}: the number of layers cannot be negative")
+    return n
+
+
+def default_model_folder(quant: str | None = None) -> Path:
+    """$ACESTEP_GGUF_MODEL, else the demo model (converted on demand, with ``quant`` if asked for)."""
     configured = os.environ.get("ACESTEP_GGUF_MODEL")
-    return Path(configured).expanduser() if configured else demo_gguf_folder()
+    if configured:
+        return Path(configured).expanduser()
+    from .demo import ensure_demo_model
+    with err.status("preparing the demo model (converting it the first time)…", spinner="dots"):
+        return ensure_demo_model(quant.upper() if quant else None)
 
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -91,8 +124,7 @@ class _RichConvertProgress:
             self.task = None
         if self.show_lines:
             verb = "kept (unchanged)" if reused else "wrote"
-            err.print(f"{verb} {entry.file}  ({entry.role}, {entry.type}, {_size(entry.bytes)})", highlight=False,
-                      markup=False)
+            err.print(f"{verb} {entry.file}  ({entry.role}, {entry.type}, {_size(entry.bytes)})")
 
 
 @app.command()
@@ -104,7 +136,7 @@ def convert(
     mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type: F16 or Q8_0."),
     name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files (default: source name)."),
     force: bool = typer.Option(False, "--force", help="Redo outputs even when the manifest says they match."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Quantizer threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Quantizer threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="Print errors only."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
@@ -115,27 +147,23 @@ def convert(
         manifest = run_convert(source, out=out_dir, quant=quant, mmproj_quant=mmproj_quant, name=name, force=force,
                                threads=threads, verbose=verbose, progress=p)
     if as_json:
-        out.print(manifest.to_json(), end="")
+        say(manifest.to_json(), end="")
     elif not quiet:
         folder = out_dir or Path(f"{manifest.name}-gguf")
-        err.print(f"done: {folder}/manifest.json  (chat with: acestep-gguf chat IMAGE -m {folder})", highlight=False)
+        err.print(f"done: {folder}/manifest.json  (chat with: acestep-gguf chat IMAGE -m {folder})")
 
 
 # -- chat ------------------------------------------------------------------------------------------
 def _load_chat(model: Optional[Path], quant, ctx, threads, gpu_layers, vram, system, seed, verbose):
     from .runtime import VisionChat
-    folder = model or default_model_folder()
-    layers = gpu_layers if gpu_layers == "auto" else int(gpu_layers)
     if model is not None and model.is_file():
-        raise AcestepGGUFError(f"{model}: pass the converted folder (with manifest.json), not a single .gguf file")
-    if model is None and not folder.exists():
-        raise AcestepGGUFError(f"no model: pass -m FOLDER, set ACESTEP_GGUF_MODEL, or run `acestep-gguf demo` once "
-                               f"to convert the bundled demo model into {folder}")
-    session = VisionChat.load(folder, quant=quant, n_ctx=ctx, n_threads=threads, n_gpu_layers=layers, vram=vram,
-                              system=system, seed=seed, verbose=verbose)
+        raise OptionError(f"{model}: pass the converted folder (with manifest.json), not a single .gguf file")
+    folder = model or default_model_folder(quant)
+    session = VisionChat.load(folder, quant=quant, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers_option(gpu_layers),
+                              vram=vram, system=system, seed=seed, verbose=verbose)
     if not session.exact_vision:
-        err.print("[yellow]warning:[/yellow] this llama-cpp-python build mis-orders llava image tokens "
-                  "(llama.cpp#25814); answers about images are degraded. Install with tools/build_llama_cpp.sh.")
+        note("warning: this llama-cpp-python build mis-orders llava image tokens (llama.cpp#25814); answers about "
+             "images are degraded. Install with tools/build_llama_cpp.sh.", style="yellow")
     return session
 
 
@@ -149,22 +177,25 @@ def _usage(chat) -> dict:
 @app.command()
 def chat(
     images: List[str] = typer.Argument(None, help="Images for the first message (JPEG, PNG, WEBP)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted folder (default: the demo model)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted folder (default: $ACESTEP_GGUF_MODEL, "
+                                         "else the demo model, converted on first use)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this once and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (default: best present)."),
-    max_tokens: int = typer.Option(512, "--max-tokens"),
-    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)."),
-    top_p: float = typer.Option(0.95, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    ctx: int = typer.Option(8192, "--ctx", help="Context length in tokens."),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number."),
-    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget, e.g. 12GiB (default: free VRAM)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (default: best present; with the "
+                                        "demo model, converted on demand)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Longest reply, in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Sampling seed (with --temperature > 0)."),
+    ctx: int = typer.Option(8192, "--ctx", help="Context length in tokens (at least one image plus a prompt)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB (default: "
+                                       "free VRAM)."),
     as_json: bool = typer.Option(False, "--json", help="With -p: print one JSON object instead of streaming."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
 ):
-    """Ask about images: once with -p, or interactively (/image PATH, /reset, /quit; Ctrl-D ends)."""
+    """Ask about images: once with -p, or interactively (/help lists the commands; Ctrl-D ends)."""
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     with _errors():
         session = _load_chat(model, quant, ctx, threads, gpu_layers, vram, system, seed, verbose)
@@ -179,50 +210,81 @@ def _one_shot(session, prompt, images, sampling, as_json):
     if as_json:
         text = session.ask(prompt, images, **sampling)
         t = session.last_turn
-        out.print(json.dumps({"text": text, "model": str(session.model_path), "quant": session.quant,
-                              "usage": _usage(session), "timings": {
-                                  "time_to_first_token_s": round(t.time_to_first_token_s, 4),
-                                  "decode_tokens_per_s": round(t.decode_tokens_per_s, 2)}}))
+        say(json.dumps({"text": text, "model": str(session.model_path), "quant": session.quant,
+                        "usage": _usage(session), "timings": {
+                            "time_to_first_token_s": round(t.time_to_first_token_s, 4),
+                            "decode_tokens_per_s": round(t.decode_tokens_per_s, 2)}}))
         return
-    for piece in session.stream(prompt, images, **sampling):
-        out.print(piece, end="")
-    out.print()
+    try:
+        for piece in session.stream(prompt, images, **sampling):
+            say(piece, end="")
+    finally:
+        say("")  # what was printed stays, on its own line, also when Ctrl-C ended it
+
+
+HELP = """commands:
+  /image PATH   attach an image to your next message (checked at once)
+  /images       list the attached images
+  /reset        start a new conversation
+  /help         this list
+  /quit         leave (Ctrl-D too)
+a line starting with // is sent as a message beginning with /; Ctrl-C stops a reply"""
 
 
 def _interactive(session, images, sampling):
-    pending = list(images)
+    from .errors import ImageError
+    pending = [session.prepare_image(img) for img in images]
     tty = sys.stdin.isatty()
     if tty:
-        err.print(f"[dim]{session.model_path.name} — /image PATH attaches an image, /reset, /quit; Ctrl-D ends[/dim]")
+        note(f"{session.model_path.name} — /help lists the commands; Ctrl-D ends")
     while True:
         if tty:
-            err.print("[bold]>[/bold] ", end="")
-        line = sys.stdin.readline()
+            err.print("> ", end="")
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            note("(use /quit or Ctrl-D to leave)")
+            continue
         if not line:
             break
         line = line.strip()
         if not line:
             continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            session.reset()
-            pending = []
-            err.print("[dim]conversation reset[/dim]")
+        if line.startswith("/") and not line.startswith("//"):
+            command, _, arg = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/help":
+                note(HELP, style="")
+            elif command == "/reset":
+                session.reset()
+                pending = []
+                note("conversation reset")
+            elif command == "/images":
+                note("\n".join(p.label for p in pending) or "no image attached")
+            elif command == "/image":
+                if not arg.strip():
+                    error_line("/image needs a path")
+                    continue
+                try:
+                    pending.append(session.prepare_image(arg.strip()))
+                    note(f"attached {arg.strip()} (sent with your next message)")
+                except ImageError as e:
+                    error_line(str(e))
+            else:
+                error_line(f"unknown command {command} (type /help; start with // to send a message beginning with /)")
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            if not path:
-                err.print("[red]error:[/red] /image needs a path")
-                continue
-            pending.append(path)
-            continue
+        message = line[1:] if line.startswith("//") else line
         try:
-            for piece in session.stream(line, pending, **sampling):
-                out.print(piece, end="")
-            out.print()
-        except AcestepGGUFError as e:  # a bad image or a full context ends the turn, not the session
-            err.print(f"[red]error:[/red] {e}", highlight=False)
+            for piece in session.stream(message, pending, **sampling):
+                say(piece, end="")
+            say("")
+        except KeyboardInterrupt:
+            say("")
+            note("(reply stopped)")
+        except AcestepGGUFError as e:  # a full context ends the turn, not the session
+            say("")
+            error_line(str(e))
         pending = []
 
 
@@ -233,18 +295,19 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 @app.command()
 def caption(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders (searched for .jpg .png .webp)."),
-    prompt: str = typer.Option("Describe this image.", "--prompt", "-p"),
+    prompt: str = typer.Option("Describe this image.", "--prompt", "-p", help="The question asked of every image."),
     out_file: Path = typer.Option(..., "--out", "-o", help="JSON-lines file; images already in it are skipped."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m"),
-    quant: Optional[str] = typer.Option(None, "--quant"),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
-    ctx: int = typer.Option(4096, "--ctx"),
-    threads: Optional[int] = typer.Option(None, "--threads"),
-    gpu_layers: str = typer.Option("auto", "--gpu-layers"),
-    vram: Optional[str] = typer.Option(None, "--vram"),
-    verbose: bool = typer.Option(False, "--verbose"),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted folder (default: as for chat)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (default: best present)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Longest caption, in tokens."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Try images recorded as failed again."),
+    ctx: int = typer.Option(4096, "--ctx", help="Context length in tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
 ):
-    """Caption many images with one loaded model; resumable, bad images recorded as errors."""
+    """Caption many images with one loaded model; resumable, bad images recorded once."""
     from .runtime.caption import caption_images, collect_images
     with _errors():
         files = collect_images(inputs, IMAGE_SUFFIXES)
@@ -252,22 +315,22 @@ def caption(
         with session, Progress(TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("captioning", total=len(files))
-            summary = caption_images(session, files, prompt, out_file, max_tokens=max_tokens,
+            summary = caption_images(session, files, prompt, out_file, max_tokens=max_tokens, retry_failed=retry_failed,
                                      on_image=lambda record: bar.advance(task))
     err.print(f"{summary['captioned']} captioned, {summary['skipped']} already done, {summary['failed']} failed "
-              f"→ {out_file}", highlight=False)
+              f"→ {out_file}")
 
 
 # -- plan ------------------------------------------------------------------------------------------
 @app.command()
 def plan(
-    model: Optional[Path] = typer.Argument(None, help="Converted folder or .gguf file."),
+    model: Optional[Path] = typer.Argument(None, help="Converted folder or language-model .gguf file."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Plan for a model card instead: ace-step-1.5."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (with --preset: default Q4_K_M)."),
-    mmproj_quant: str = typer.Option("F16", "--mmproj-quant"),
-    vram: str = typer.Option("12GiB", "--vram", help="GPU memory budget, e.g. 12GiB, 11.5GB."),
-    ctx: int = typer.Option(8192, "--ctx"),
-    as_json: bool = typer.Option(False, "--json"),
+    mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type for --preset: F16 or Q8_0."),
+    vram: str = typer.Option("12GiB", "--vram", help="GPU memory budget with a unit: 12GiB, 11.5GB, 800MiB."),
+    ctx: int = typer.Option(8192, "--ctx", min=1, help="Context length in tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (sizes in bytes)."),
 ):
     """How many layers fit on the GPU: weights, KV cache, compute buffers, mmproj, margin."""
     import llama_cpp
@@ -275,6 +338,7 @@ def plan(
     from .runtime import offload
     from .runtime.model_files import resolve
     with _errors():
+        budget = offload.parse_size(vram)
         if preset:
             shape = offload.shape_from_preset(preset, (quant or "Q4_K_M").upper(), mmproj_quant.upper())
             what = f"{preset} {(quant or 'Q4_K_M').upper()} (model card)"
@@ -285,11 +349,12 @@ def plan(
                 files = resolve(model, quant=quant)
                 shape, what = offload.shape_from_gguf(files.model, files.mmproj), files.model.name
         else:
-            raise AcestepGGUFError("give a model folder / .gguf file, or --preset ace-step-1.5")
-        result = offload.plan(shape, offload.parse_size(vram), ctx, gpu_available=True)
+            raise OptionError("give a model folder / .gguf file, or --preset ace-step-1.5")
+        result = offload.plan(shape, budget, ctx, gpu_available=True)
     if as_json:
-        out.print(json.dumps(result.to_dict()))
+        say(json.dumps(result.to_dict()))
         return
+    size = offload.size_formatter(vram)
     table = Table(title=f"{what}: {result.n_gpu_layers} GPU layers for {vram} at {ctx} context", title_justify="left")
     table.add_column("item")
     table.add_column("GPU", justify="right")
@@ -300,29 +365,30 @@ def plan(
                             ("compute buffer", result.compute_bytes, 0), ("mmproj weights", result.mmproj_bytes, 0),
                             ("mmproj activations (1 image)", result.mmproj_compute_bytes, 0),
                             ("safety margin", result.margin_bytes, 0)):
-        table.add_row(label, _size(gpu), _size(cpu) if cpu else "")
-    table.add_row("headroom", _size(result.headroom_bytes), "")
+        table.add_row(label, size(gpu), size(cpu) if cpu else "")
+    table.add_row("headroom", size(result.headroom_bytes), "")
     out.print(table)
     where = "GPU" if result.output_on_gpu else "CPU"
-    out.print(f"--gpu-layers {result.n_gpu_layers}: {result.reason}; output layer on the {where}", highlight=False)
+    say(f"--gpu-layers {result.n_gpu_layers}: {result.reason}; output layer on the {where}")
     if not llama_cpp.llama_supports_gpu_offload():
-        out.print("note: this llama-cpp-python build is CPU-only; `chat --gpu-layers auto` will use 0 here "
-                  "(see README: building with CUDA)")
+        say("note: this llama-cpp-python build is CPU-only; `chat --gpu-layers auto` will use 0 here "
+            "(see README: building with CUDA)")
 
 
 # -- info ------------------------------------------------------------------------------------------
 @app.command()
 def info(file: Path = typer.Argument(..., help="A .gguf file (language model or mmproj)."),
-         as_json: bool = typer.Option(False, "--json")):
-    """Architecture, type, size, tokenizer, template and vision settings of a GGUF file."""
+         as_json: bool = typer.Option(False, "--json", help="Print the facts as JSON.")):
+    """Architecture, type, size, tokenizer, template and vision settings of a GGUF file, and whether
+    it passes the checks made before loading."""
     from .runtime.inspect import describe
     with _errors():
         facts = describe(file)
     if as_json:
-        out.print(json.dumps(facts))
+        say(json.dumps(facts))
         return
     for key, value in facts.items():
-        out.print(f"[bold]{key}[/bold]: {value}", highlight=False)
+        out.print(Text.assemble((f"{key}", "bold"), f": {value}"))
 
 
 # -- demo ------------------------------------------------------------------------------------------
@@ -331,8 +397,8 @@ def demo(
     image: Optional[str] = typer.Argument(None, help="An image to ask about (default: a freshly drawn one)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The question (default: a random one)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the drawn picture and question."),
-    quant: str = typer.Option("Q8_0", "--quant"),
-    verbose: bool = typer.Option(False, "--verbose"),
+    quant: str = typer.Option("Q8_0", "--quant", help="Demo model type: Q4_K_M, Q5_K_M, Q8_0, F16 or BF16."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
 ):
     """Convert the bundled demo model (once), draw a picture of shapes, and ask about it."""
     from . import demo as demo_lib
@@ -340,18 +406,18 @@ def demo(
         with err.status("preparing the demo model (first run converts it)…"):
             folder = demo_lib.ensure_demo_model(quant)
         result = demo_lib.run_demo(folder, image=image, prompt=prompt, seed=seed, quant=quant, verbose=verbose)
-    out.print(f"image:    {result['image']}", highlight=False)
-    out.print(f"question: {result['question']}", highlight=False)
-    out.print(f"answer:   {result['answer']}", highlight=False)
+    say(f"image:    {result['image']}")
+    say(f"question: {result['question']}")
+    say(f"answer:   {result['answer']}")
     if result.get("expected"):
-        out.print(f"expected: {result['expected']}", highlight=False)
+        say(f"expected: {result['expected']}")
 
 
 @app.command()
 def version():
     """Print the versions of acestep-gguf and llama-cpp-python."""
     import llama_cpp
-    out.print(f"acestep-gguf {__version__}, llama-cpp-python {llama_cpp.__version__}")
+    say(f"acestep-gguf {__version__}, llama-cpp-python {llama_cpp.__version__}")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .convert import convert
 from .errors import ModelFilesError
+from .manifest import Manifest
 from .runtime import VisionChat
 from .shapes import QUESTIONS, draw, random_scene
 
@@ -27,11 +28,19 @@ def demo_gguf_folder() -> Path:
     return cache_folder() / f"{DEMO_NAME}-gguf"
 
 
-def ensure_demo_model(quant: str = "Q8_0") -> Path:
-    """The converted demo folder with ``quant`` in it; converts (seconds) only what is missing."""
+def ensure_demo_model(quant: str | None = "Q8_0") -> Path:
+    """The converted demo folder with ``quant`` in it (any type when None, Q8_0 the first time);
+    converts (seconds) only what is missing."""
     if not (DEMO_CHECKPOINT / "model.safetensors").exists():
         raise ModelFilesError(f"{DEMO_CHECKPOINT}: the demo checkpoint is not installed with this package")
     folder = demo_gguf_folder()
+    if quant is None:
+        try:
+            if any(f.role == "language" and (folder / f.file).is_file() for f in Manifest.read(folder).files):
+                return folder
+        except ModelFilesError:
+            pass
+        quant = "Q8_0"
     convert(DEMO_CHECKPOINT, out=folder, quant=[quant], mmproj_quant="F16", name=DEMO_NAME)  # reuses what matches
     return folder
 

@@ -42,5 +42,13 @@ class ContextFullError(AcestepGGUFError):
     """The conversation no longer fits in the context window."""
 
 
+class OptionError(AcestepGGUFError):
+    """An option or argument has a value we cannot use (out of range, wrong unit, unknown name)."""
+
+
+class CancelledError(AcestepGGUFError):
+    """cancel() or close() ended a call that returns a value (a streamed turn just ends instead)."""
+
+
 class BusyError(AcestepGGUFError):
     """A second generation was started on a VisionChat that is still generating."""

@@ -18,14 +18,18 @@ _state = {"verbose": False, "listeners": [], "tail": []}
 
 @llama_cpp.llama_log_callback
 def _callback(level: int, text: bytes, user_data) -> None:
-    line = text.decode("utf-8", errors="replace")
-    tail = _state["tail"]
-    tail.append(line)
-    del tail[:-50]
-    for listener in list(_state["listeners"]):
-        listener(line)
-    if _state["verbose"]:
-        sys.stderr.write(line)
+    # Called from C: an exception here would be printed and lost, so none may leave.
+    try:
+        line = text.decode("utf-8", errors="replace")
+        tail = _state["tail"]
+        tail.append(line)
+        del tail[:-50]
+        for listener in list(_state["listeners"]):
+            listener(line)
+        if _state["verbose"]:
+            sys.stderr.write(line)
+    except BaseException:
+        pass
 
 
 def install(verbose: bool = False) -> None:

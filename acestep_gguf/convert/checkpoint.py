@@ -1,19 +1,24 @@
-"""Open a checkpoint (local folder or Hugging Face repo id): config, validated shards, tokenizer files."""
+"""Open a checkpoint (local folder or Hugging Face repo id): config, validated shards, tokenizer files.
+
+Files inside the folder are opened as ``folder / name`` and never resolved: a Hugging Face cache
+snapshot is a folder of relative symlinks into ``../../blobs/``, and that is a normal checkpoint."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
+from ..files import exists, open_regular, read_json_object, read_text
 from .safetensors_file import SourceTensor, read_header
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "*.txt", "*.model"]
+FINGERPRINTED = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
+                 "chat_template.jinja", "chat_template.json", INDEX)
 
 
 @dataclass
@@ -33,7 +38,7 @@ def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
     path = Path(source).expanduser()
     if path.is_dir():
         folder, info = path.resolve(), {"path": str(path.resolve())}
-    elif path.exists():
+    elif exists(path):
         raise CheckpointError(f"{path}: expected a checkpoint folder (with config.json), got a file")
     elif _looks_like_repo_id(str(source)):
         folder, info = _download(str(source))
@@ -43,7 +48,7 @@ def open_checkpoint(source: str | os.PathLike) -> Checkpoint:
     tensors, shards = _tensors(folder)
     tokenizer = _json(folder / "tokenizer.json", required=True)
     tokenizer_config = _json(folder / "tokenizer_config.json")
-    info["files"] = [{"file": s.name, "bytes": s.stat().st_size} for s in shards]
+    info["files"] = [{"file": s.name, "bytes": os.stat(s).st_size} for s in shards]
     info["fingerprint"] = _fingerprint(folder, shards)
     return Checkpoint(folder, config, _json(folder / "preprocessor_config.json"), tokenizer, tokenizer_config,
                       _chat_template(folder, tokenizer_config), tensors, info)
@@ -71,48 +76,48 @@ def _download(repo_id: str) -> tuple[Path, dict]:
 
 
 def _json(path: Path, required: bool = False) -> dict:
-    if not path.exists():
+    if not exists(path):
         if required:
             raise CheckpointError(f"{path}: missing (a Hugging Face checkpoint folder needs it)")
         return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path.name}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path.name}: expected a JSON object")
-    return value
+    return read_json_object(path, ConfigError)
 
 
 def _chat_template(folder: Path, tokenizer_config: dict) -> str | None:
     """The checkpoint's template wherever transformers 4 or 5 put it (tokenizer_config, .jinja, .json)."""
     jinja = folder / "chat_template.jinja"
-    if jinja.exists():
-        return jinja.read_text(encoding="utf-8")
-    template = tokenizer_config.get("chat_template")
+    if exists(jinja):
+        return read_text(jinja, ConfigError, what="chat template")
+    where, template = "tokenizer_config.json", tokenizer_config.get("chat_template")
     if template is None:
-        template = _json(folder / "chat_template.json").get("chat_template")
+        where, template = "chat_template.json", _json(folder / "chat_template.json").get("chat_template")
     if isinstance(template, list):  # named templates: take the default one
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
-    return template if isinstance(template, str) and template.strip() else None
+    if template is not None and not isinstance(template, str):
+        raise ConfigError(f"{where}: chat_template is {type(template).__name__}, expected a string")
+    return template if template and template.strip() else None
+
+
+def bare_name(name: str) -> bool:
+    """A plain file name inside the folder: no separators, no '..', not absolute, not hidden."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\x00")
 
 
 def _shard_files(folder: Path) -> tuple[list[Path], dict | None]:
     index_path = folder / INDEX
-    if index_path.exists():
-        index = _json(index_path)
-        weight_map = index.get("weight_map")
+    if exists(index_path):
+        weight_map = _json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{INDEX}: 'weight_map' is missing or empty")
         shards = []
-        for name in sorted(set(weight_map.values())):
-            shard = (folder / str(name)).resolve()
-            if shard.parent != folder.resolve() or not str(name).endswith(".safetensors"):
-                raise CheckpointError(f"{INDEX}: shard path {name!r} leaves the checkpoint folder or is not a .safetensors file")
-            if not shard.is_file():
+        for name in sorted({str(v) for v in weight_map.values()}):
+            if not bare_name(name) or not name.endswith(".safetensors"):
+                raise CheckpointError(f"{INDEX}: shard {name!r} leaves the checkpoint folder or is not a "
+                                      ".safetensors file name")
+            if not exists(folder / name):
                 raise CheckpointError(f"{INDEX}: shard {name} is missing from {folder}")
-            shards.append(shard)
+            shards.append(folder / name)
         return shards, weight_map
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
@@ -143,14 +148,15 @@ def _tensors(folder: Path) -> tuple[dict[str, SourceTensor], list[Path]]:
 
 
 def _fingerprint(folder: Path, shards: list[Path]) -> str:
-    """Changes when the config or any shard changes: decides whether earlier outputs still match."""
+    """Changes when the config or any shard changes: decides whether earlier outputs still match.
+    Records file names, sizes and times, never where a symlink points (blob hashes)."""
     h = hashlib.sha256()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
-                 "chat_template.jinja", INDEX):
+    for name in FINGERPRINTED:
         p = folder / name
-        if p.exists():
-            h.update(name.encode() + p.read_bytes())
+        if exists(p):
+            with open_regular(p, ConfigError) as f:
+                h.update(name.encode() + f.read())
     for shard in shards:
-        st = shard.stat()
+        st = os.stat(shard)
         h.update(f"{shard.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]

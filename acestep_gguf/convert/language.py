@@ -16,7 +16,7 @@ def language_file(plan: Plan, ckpt: Checkpoint, name: str) -> tuple[list[Metadat
     """(metadata, tensors, where the chat template came from)."""
     h = plan.hparams
     template, template_source = choose(ckpt.chat_template, plan.family.CHATML_TEMPLATE)
-    metadata = [MetadataEntry("general.name", name, T.STRING)]
+    metadata = [MetadataEntry("general.type", "model", T.STRING), MetadataEntry("general.name", name, T.STRING)]
     metadata += plan.family.language_metadata(h)
     metadata += tokenizer_metadata(ckpt.tokenizer, ckpt.tokenizer_config, ckpt.config, h["n_vocab"])
     metadata.append(MetadataEntry("tokenizer.chat_template", template, T.STRING))

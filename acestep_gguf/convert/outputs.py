@@ -3,8 +3,10 @@ A failed or interrupted run therefore leaves earlier files untouched and no part
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from gguf import GGUFReader
@@ -32,6 +34,32 @@ class PartialFiles:
     def __exit__(self, *exc) -> None:
         for p in self.paths:
             p.unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive(folder: Path):
+    """Hold an exclusive lock on the output folder itself (flock on its descriptor: no lock file to
+    leave behind, works on read-only media) for the whole conversion."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{folder}: another conversion is writing here; wait for it to finish or use --out") from None
+        except OSError:
+            pass  # a filesystem without flock: go on unlocked
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_partials(folder: Path) -> None:
+    """Partial files of a run that was killed outright (we hold the folder's lock: no one is writing them)."""
+    for p in list(folder.glob("*.gguf.partial")) + [folder / (MANIFEST + ".partial")]:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass  # read-only media: nothing of ours can be there to remove
 
 
 def check_space(folder: Path, needed: int) -> None:
@@ -74,6 +102,13 @@ def still_valid(folder: Path, entry: ManifestFile | None) -> bool:
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Replace manifest.json atomically; a re-run that changes nothing writes nothing."""
+    text = manifest.to_json()
+    try:
+        if (folder / MANIFEST).read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
     partial = folder / (MANIFEST + ".partial")
-    partial.write_text(manifest.to_json(), encoding="utf-8")
+    partial.write_text(text, encoding="utf-8")
     os.replace(partial, folder / MANIFEST)

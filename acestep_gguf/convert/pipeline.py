@@ -7,14 +7,15 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .. import __version__
+from .. import __version__, interrupts
 from ..errors import AcestepGGUFError, OutputError
 from ..manifest import Manifest, ManifestFile
 from ..models.registry import detect
 from .checkpoint import open_checkpoint
 from .gguf_stream import write_gguf
 from .language import language_file
-from .outputs import PartialFiles, check_space, publish, still_valid, verify, write_manifest
+from .outputs import (PartialFiles, check_space, exclusive, publish, remove_stale_partials, still_valid, verify,
+                      write_manifest)
 from .plan import make_plan
 from .quantize import ALL_QUANTIZED, LANGUAGE_TYPES, VISION_TYPES, quantize
 from .safetensors_file import TensorReader
@@ -55,7 +56,12 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, qua
             mmproj_quant: str = "F16", name: str | None = None, force: bool = False, threads: int | None = None,
             verbose: bool = False, progress: ConvertProgress | None = None) -> Manifest:
     """Convert a llava-style safetensors checkpoint to GGUF files plus manifest.json; returns the manifest."""
-    progress = progress or ConvertProgress()
+    with interrupts.deferred():  # Ctrl-C is raised at safe points, never inside a llama.cpp callback
+        return _convert(source, out, quant, mmproj_quant, name, force, threads, verbose,
+                        progress or ConvertProgress())
+
+
+def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, progress) -> Manifest:
     types = parse_quant(quant)
     mmproj_quant = mmproj_quant.upper()
     if mmproj_quant not in VISION_TYPES:
@@ -74,11 +80,14 @@ def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, qua
     except OSError as e:
         raise OutputError(f"{folder}: cannot create the output folder ({e.strerror})") from None
     try:
-        return _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, threads, verbose, progress)
+        with exclusive(folder):
+            remove_stale_partials(folder)
+            return _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, threads, verbose,
+                                 progress)
     except OSError as e:  # disk full, permissions, a file removed under us: name it, no traceback
         raise OutputError(f"{e.filename or folder}: {e.strerror or e}") from None
     finally:
-        if created and folder.exists() and not any(folder.iterdir()):
+        if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # a failed first run leaves no trace at all
 
 
@@ -158,6 +167,7 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, pr
         nonlocal done
         done += n
         progress.advance(done)
+        interrupts.check()  # a safe point: between two chunks
 
     write_gguf(intermediate, arch, metadata, tensors, files, advance)
     ready = []

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import shutil
+import threading
 from pathlib import Path
 from typing import Callable
 
 import llama_cpp
 
-from .. import llama_log
-from ..errors import QuantizeError
+from .. import interrupts, llama_log
+from ..errors import OutputError, QuantizeError
 from ..system import default_threads
 
 # llama.cpp's type names → its llama_ftype values.
@@ -22,6 +24,7 @@ LANGUAGE_TYPES = {
 }
 VISION_TYPES = {"F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
 ALL_QUANTIZED = ("Q4_K_M", "Q5_K_M", "Q8_0")
+DISK_FULL = 64 << 20  # free bytes under which a failed write is reported as a full disk
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
 
@@ -39,6 +42,22 @@ def quantize(src: Path, dst: Path, type_name: str, *, threads: int | None = None
             on_tensor(int(match.group(1)), int(match.group(2)))
 
     with llama_log.listening(follow, verbose):
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+        status = run_interruptible(lambda: llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params))
     if status != 0:
+        free = shutil.disk_usage(dst.parent).free
+        if free < DISK_FULL:
+            raise OutputError(f"{dst.parent}: no space left on device while writing {dst.name} ({free >> 20} MiB free)")
         raise QuantizeError(f"{dst.name}: llama.cpp's quantizer failed for {type_name} ({llama_log.recent()})")
+
+
+def run_interruptible(call: Callable[[], int]) -> int:
+    """Run a long C call in a worker thread so that Ctrl-C is seen at once in the main thread
+    (llama.cpp's quantizer cannot be cancelled: after an interrupt the worker finishes on its own,
+    writing only to a partial file that the caller deletes)."""
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(call()), name="llama-quantize", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+        interrupts.check()
+    return result[0] if result else -1

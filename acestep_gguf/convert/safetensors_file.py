@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, TensorError
+from ..files import open_regular
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the same cap as the safetensors library
+MAX_DIMS = 8
 ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 # What each supported dtype is read as; BF16 has no numpy type and stays raw 16-bit words.
@@ -51,8 +54,8 @@ def _no_duplicates(path: Path):
 
 def read_header(path: Path) -> dict[str, SourceTensor]:
     """All tensors of one file, after checking the header describes exactly the bytes that follow it."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path, CheckpointError, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path.name}: not a safetensors file (shorter than 8 bytes)")
@@ -65,6 +68,8 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
         header = json.loads(raw, object_pairs_hook=_no_duplicates(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path.name}: not a safetensors file (header is not JSON: {e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path.name}: not a safetensors file (header JSON is nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name}: not a safetensors file (header is not a JSON object)")
     header.pop("__metadata__", None)
@@ -91,9 +96,10 @@ def _tensor(path: Path, name: str, entry, data_start: int) -> SourceTensor:
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in ITEM_BYTES:
         raise CheckpointError(f"{path.name}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
         raise CheckpointError(f"{path.name}: tensor {name!r} has a malformed shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise CheckpointError(f"{path.name}: tensor {name!r} has malformed data_offsets {offsets!r}")
     nbytes = offsets[1] - offsets[0]
@@ -121,7 +127,7 @@ class TensorReader:
             raise TensorError(f"{t.file.name}: tensor {t.name!r} has dtype {t.dtype}; only BF16, F16 and F32 are supported")
         f = self._files.get(t.file)
         if f is None:
-            f = self._files[t.file] = open(t.file, "rb", buffering=0)
+            f = self._files[t.file] = open_regular(t.file, CheckpointError, "safetensors file")
         item = ITEM_BYTES[t.dtype]
         step = len(self._buffer) // item * item
         f.seek(t.start)

@@ -13,12 +13,16 @@ from .plan import Plan
 CONVOLUTION_KERNELS = ("v.patch_embd.weight",)
 
 
+def _vision_type(gguf_name: str, source) -> Q:
+    """BF16 never reaches the mmproj: tensors llama.cpp's quantizer leaves as they are (position
+    embeddings) would stay BF16, which GPU backends support unevenly. F32 keeps them exact."""
+    if gguf_name in CONVOLUTION_KERNELS or source.dtype == "BF16":
+        return Q.F32
+    return lossless_type(source)
+
+
 def vision_file(plan: Plan, name: str) -> tuple[list[MetadataEntry], list[OutTensor]]:
-    metadata = [MetadataEntry("general.name", f"mmproj-{name}", T.STRING)]
+    metadata = [MetadataEntry("general.type", "mmproj", T.STRING), MetadataEntry("general.name", f"mmproj-{name}", T.STRING)]
     metadata += plan.family.vision_metadata(plan.hparams)
-    tensors = [
-        OutTensor(p.spec.gguf_name, p.source,
-                  Q.F32 if p.spec.gguf_name in CONVOLUTION_KERNELS else lossless_type(p.source))
-        for p in plan.vision
-    ]
+    tensors = [OutTensor(p.spec.gguf_name, p.source, _vision_type(p.spec.gguf_name, p.source)) for p in plan.vision]
     return metadata, tensors

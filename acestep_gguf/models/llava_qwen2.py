@@ -10,6 +10,7 @@ from __future__ import annotations
 from gguf import GGUFValueType as T
 
 from ..errors import ConfigError
+from .fields import MAX_IMAGE, MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields
 from .spec import Ignored, MetadataEntry, TensorSpec, expand
 
 FAMILY = "llava_qwen2"
@@ -112,62 +113,61 @@ CHATML_TEMPLATE = (
 )
 
 
-def _field(cfg: dict, where: str, key: str, default=None):
-    value = cfg.get(key, default)
-    if value is None:
-        raise ConfigError(f"config.json: {where}.{key} is missing")
-    return value
 
-
-def _rope(text: dict) -> tuple[float, dict | None]:
+def _rope(text: Fields) -> tuple[float, dict | None]:
     """rope_theta and rope_scaling from either transformers-4 or transformers-5 (rope_parameters) keys."""
-    params = text.get("rope_parameters") or {}
-    theta = text.get("rope_theta", params.get("rope_theta", 1_000_000.0))
-    scaling = text.get("rope_scaling")
-    if scaling is None and params.get("rope_type", "default") != "default":
-        scaling = params
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind == "default":
-            return float(theta), None
-        if kind not in ("yarn", "linear"):
-            raise ConfigError(f"config.json: text_config.rope_scaling type {kind!r} is not supported (yarn, linear)")
-        if "factor" not in scaling:
-            raise ConfigError("config.json: text_config.rope_scaling.factor is missing")
-        scaling = {"type": kind, **scaling}
-    return float(theta), scaling
+    params = text.section("rope_parameters", None)
+    theta = text.number("rope_theta", 1.0, 1e12, params.data.get("rope_theta", 1_000_000.0))
+    scaling = text.data.get("rope_scaling")
+    where = text.section("rope_scaling", None) if scaling is not None else params
+    if scaling is None and params.data.get("rope_type", "default") == "default":
+        return theta, None
+    kind = where.string("rope_type", where.data.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in ("yarn", "linear"):
+        raise ConfigError(f"{where.where} type {kind!r} is not supported (yarn, linear)")
+    factor = where.number("factor", 1.0, 1024.0)
+    out = {"type": kind, "factor": factor}
+    if "original_max_position_embeddings" in where.data:
+        out["original_max_position_embeddings"] = where.integer("original_max_position_embeddings", 1, MAX_POSITIONS)
+    return theta, out
 
 
 def hparams(config: dict, preprocessor: dict) -> dict:
-    """The hyper-parameters both GGUF files need, validated, in the converter's own names."""
-    text = config.get("text_config") or {}
-    vision = config.get("vision_config") or {}
-    if text.get("model_type") not in TEXT_MODEL_TYPES:
-        raise ConfigError(f"config.json: text_config.model_type is {text.get('model_type')!r}; only 'qwen2' is supported")
-    if vision.get("model_type") not in VISION_MODEL_TYPES:
-        raise ConfigError(
-            f"config.json: vision_config.model_type is {vision.get('model_type')!r}; only 'clip_vision_model' is supported"
-        )
-    h: dict = {}
-    for name, key in (("n_embd", "hidden_size"), ("n_ff", "intermediate_size"), ("n_layer", "num_hidden_layers"),
-                      ("n_head", "num_attention_heads"), ("n_vocab", "vocab_size")):
-        h[name] = int(_field(text, "text_config", key))
-    h["n_head_kv"] = int(text.get("num_key_value_heads") or h["n_head"])
-    h["head_dim"] = int(text.get("head_dim") or h["n_embd"] // h["n_head"])
+    """The hyper-parameters both GGUF files need, validated (types and bounds), in the converter's own names."""
+    top = Fields(config, "config.json")
+    text, vision = top.section("text_config"), top.section("vision_config")
+    if text.data.get("model_type") not in TEXT_MODEL_TYPES:
+        raise ConfigError(f"config.json: text_config.model_type is {text.data.get('model_type')!r}; only 'qwen2' is supported")
+    if vision.data.get("model_type") not in VISION_MODEL_TYPES:
+        raise ConfigError(f"config.json: vision_config.model_type is {vision.data.get('model_type')!r}; only "
+                          "'clip_vision_model' is supported")
+    h: dict = {
+        "n_embd": text.integer("hidden_size", 1, MAX_WIDTH), "n_ff": text.integer("intermediate_size", 1, MAX_WIDTH),
+        "n_layer": text.integer("num_hidden_layers", 1, MAX_LAYERS),
+        "n_head": text.integer("num_attention_heads", 1, MAX_HEADS), "n_vocab": text.integer("vocab_size", 1, MAX_VOCAB),
+    }
+    h["n_head_kv"] = text.integer("num_key_value_heads", 1, h["n_head"], h["n_head"])
+    if h["n_head"] % h["n_head_kv"]:
+        raise ConfigError("config.json: text_config.num_attention_heads is not a multiple of num_key_value_heads")
+    h["head_dim"] = text.integer("head_dim", 1, MAX_WIDTH, h["n_embd"] // h["n_head"] or None)
     h["n_q"], h["n_kv"] = h["n_head"] * h["head_dim"], h["n_head_kv"] * h["head_dim"]
-    h["rms_eps"] = float(text.get("rms_norm_eps", 1e-6))
-    h["max_pos"] = int(_field(text, "text_config", "max_position_embeddings"))
+    h["rms_eps"] = text.number("rms_norm_eps", 0.0, 1.0, 1e-6)
+    h["max_pos"] = text.integer("max_position_embeddings", 1, MAX_POSITIONS)
     h["rope_theta"], h["rope_scaling"] = _rope(text)
-    tie = text.get("tie_word_embeddings", config.get("tie_word_embeddings", False))
-    h["tie_word_embeddings"] = bool(tie)
+    h["tie_word_embeddings"] = text.boolean("tie_word_embeddings", top.boolean("tie_word_embeddings", False))
 
-    for name, key in (("v_embd", "hidden_size"), ("v_ff", "intermediate_size"), ("v_n_layer", "num_hidden_layers"),
-                      ("v_head", "num_attention_heads"), ("v_image", "image_size"), ("v_patch", "patch_size")):
-        h[name] = int(_field(vision, "vision_config", key))
-    if int(vision.get("num_channels", 3)) != 3:
+    h.update(v_embd=vision.integer("hidden_size", 1, MAX_WIDTH), v_ff=vision.integer("intermediate_size", 1, MAX_WIDTH),
+             v_n_layer=vision.integer("num_hidden_layers", 1, MAX_LAYERS),
+             v_head=vision.integer("num_attention_heads", 1, MAX_HEADS),
+             v_image=vision.integer("image_size", 1, MAX_IMAGE), v_patch=vision.integer("patch_size", 1, MAX_IMAGE))
+    if vision.integer("num_channels", 1, 4, 3) != 3:
         raise ConfigError("config.json: vision_config.num_channels must be 3 (RGB)")
-    h["v_eps"] = float(vision.get("layer_norm_eps", 1e-5))
-    h["v_act"] = vision.get("hidden_act", "quick_gelu")
+    if h["v_embd"] % h["v_head"]:
+        raise ConfigError("config.json: vision_config.hidden_size is not a multiple of num_attention_heads")
+    h["v_eps"] = vision.number("layer_norm_eps", 0.0, 1.0, 1e-5)
+    h["v_act"] = vision.string("hidden_act", "quick_gelu")
     if h["v_act"] not in VISION_ACTIVATIONS:
         raise ConfigError(f"config.json: vision_config.hidden_act {h['v_act']!r} is not supported by llama.cpp's CLIP")
     if h["v_image"] % h["v_patch"]:
@@ -176,57 +176,60 @@ def hparams(config: dict, preprocessor: dict) -> dict:
     h["v_n_pos"] = h["v_n_patches"] + 1
 
     layer = config.get("vision_feature_layer", -2)
-    if not isinstance(layer, int):
+    if type(layer) is not int:
         raise ConfigError(f"config.json: vision_feature_layer {layer!r}: only a single layer index is supported")
     # hidden_states[k] is the output of k encoder layers; negative indices count from the end.
     k = layer if layer >= 0 else h["v_n_layer"] + 1 + layer
     if not 1 <= k <= h["v_n_layer"]:
         raise ConfigError(f"config.json: vision_feature_layer {layer} is out of range for {h['v_n_layer']} layers")
     h["v_feature_layer"] = k
-    strategy = config.get("vision_feature_select_strategy", "default")
+    strategy = top.string("vision_feature_select_strategy", "default")
     if strategy != "default":
         raise ConfigError(
             f"config.json: vision_feature_select_strategy {strategy!r} is not supported: llama.cpp's mlp projector "
             "drops the CLS token ('default')"
         )
-    act = config.get("projector_hidden_act", "gelu")
+    act = top.string("projector_hidden_act", "gelu")
     if act not in PROJECTOR_ACTIVATIONS:
         raise ConfigError(f"config.json: projector_hidden_act {act!r} is not supported: llama.cpp's mlp projector uses GELU")
-    if config.get("multimodal_projector_bias", True) is False:
+    if top.boolean("multimodal_projector_bias", True) is False:
         raise ConfigError("config.json: multimodal_projector_bias false is not supported: llama.cpp needs projector biases")
-    h["image_token_id"] = config.get("image_token_index", config.get("image_token_id"))
-    h.update(_image_preprocessing(preprocessor, h["v_image"]))
+    h.update(_image_preprocessing(Fields(preprocessor, "preprocessor_config.json"), h["v_image"]))
     return h
 
 
-def _image_preprocessing(pre: dict, image_size: int) -> dict:
+def _image_preprocessing(pre: Fields, image_size: int) -> dict:
     """Mean/std and the resize + centre-crop recipe of CLIPImageProcessor (CLIP defaults when absent)."""
-    size = pre.get("size", {"shortest_edge": image_size})
-    shortest = size.get("shortest_edge") if isinstance(size, dict) else size
-    if shortest is None and isinstance(size, dict):
-        shortest = min(size.get("height", image_size), size.get("width", image_size))
-    crop = pre.get("crop_size", image_size)
-    crop = crop if isinstance(crop, int) else crop.get("height", image_size)
-    if not pre.get("do_center_crop", True):
+    size = pre.data.get("size", {"shortest_edge": image_size})
+    if isinstance(size, dict):
+        sizes = pre.section("size", size)
+        shortest = sizes.integer("shortest_edge", 1, MAX_IMAGE, None) if "shortest_edge" in size else min(
+            sizes.integer("height", 1, MAX_IMAGE, image_size), sizes.integer("width", 1, MAX_IMAGE, image_size))
+    else:
+        shortest = pre.integer("size", 1, MAX_IMAGE)
+    crop = pre.section("crop_size").integer("height", 1, MAX_IMAGE, image_size) \
+        if isinstance(pre.data.get("crop_size"), dict) else pre.integer("crop_size", 1, MAX_IMAGE, image_size)
+    if not pre.boolean("do_center_crop", True):
         crop = image_size
     if crop != image_size:
-        raise ConfigError(
-            f"preprocessor_config.json: crop_size {crop} differs from vision_config.image_size {image_size}"
-        )
-    mean, std = pre.get("image_mean", CLIP_MEAN), pre.get("image_std", CLIP_STD)
-    for key, value in (("image_mean", mean), ("image_std", std)):
-        if not (isinstance(value, list) and len(value) == 3 and all(isinstance(x, (int, float)) for x in value)):
-            raise ConfigError(f"preprocessor_config.json: {key} must be a list of 3 numbers, got {value!r}")
-    return {"image_mean": [float(x) for x in mean], "image_std": [float(x) for x in std],
-            "resize_shortest_edge": int(shortest), "resample": int(pre.get("resample", PIL_BICUBIC))}
+        raise ConfigError(f"preprocessor_config.json: crop_size {crop} differs from vision_config.image_size {image_size}")
+    if shortest < image_size:
+        raise ConfigError(f"preprocessor_config.json: size {shortest} is smaller than the {image_size}-pixel crop")
+    return {"image_mean": pre.numbers("image_mean", 3, CLIP_MEAN), "image_std": pre.numbers("image_std", 3, CLIP_STD),
+            "resize_shortest_edge": shortest, "resample": pre.integer("resample", 0, 5, PIL_BICUBIC)}
 
 
 def tensors(h: dict) -> list[TensorSpec]:
     """Every tensor both outputs must contain, with the shape config.json implies."""
+    return role_tensors(h, "language") + role_tensors(h, "vision")
+
+
+def role_tensors(h: dict, role: str) -> list[TensorSpec]:
+    """The tensors of one output file (language model or mmproj)."""
+    if role == "vision":
+        return expand(VISION, h, "vision") + expand(VISION_BLOCK, h, "vision", h["v_feature_layer"])
     specs = expand(LANGUAGE, h, "language") + expand(LANGUAGE_BLOCK, h, "language", h["n_layer"])
-    if not h["tie_word_embeddings"]:
-        specs += expand(LANGUAGE_HEAD, h, "language")
-    return specs + expand(VISION, h, "vision") + expand(VISION_BLOCK, h, "vision", h["v_feature_layer"])
+    return specs + ([] if h["tie_word_embeddings"] else expand(LANGUAGE_HEAD, h, "language"))
 
 
 def ignored(h: dict) -> list[Ignored]:
@@ -299,3 +302,100 @@ def vision_metadata(h: dict) -> list[MetadataEntry]:
     if flag:
         entries.append(MetadataEntry(flag, True, T.BOOL))
     return entries
+
+
+# -- what llama.cpp reads back ------------------------------------------------------------------
+# The keys llama.cpp 0.3.36 reads from each file and the GGUF type it demands: clip.cpp's getters
+# and llama-vocab.cpp's array reads abort the whole process (GGML_ASSERT) on a type mismatch, so the
+# runtime checks these before loading. (type, element type, required, (low, high) for numbers).
+S, U32, I32, F32, BOOL, ARR = T.STRING, T.UINT32, T.INT32, T.FLOAT32, T.BOOL, T.ARRAY
+GGUF_ARCH = "qwen2"
+LANGUAGE_KEYS = {
+    "general.architecture": (S, None, True, None),
+    "qwen2.context_length": (U32, None, True, (1, MAX_POSITIONS * 64)),
+    "qwen2.embedding_length": (U32, None, True, (1, MAX_WIDTH)),
+    "qwen2.block_count": (U32, None, True, (1, MAX_LAYERS)),
+    "qwen2.feed_forward_length": (U32, None, True, (1, MAX_WIDTH)),
+    "qwen2.attention.head_count": (U32, None, True, (1, MAX_HEADS)),
+    "qwen2.attention.head_count_kv": (U32, None, False, (1, MAX_HEADS)),
+    "qwen2.attention.key_length": (U32, None, False, (1, MAX_WIDTH)),
+    "qwen2.attention.layer_norm_rms_epsilon": (F32, None, True, (0.0, 1.0)),
+    "qwen2.rope.freq_base": (F32, None, False, (1.0, 1e12)),
+    "tokenizer.ggml.model": (S, None, True, None),
+    "tokenizer.ggml.pre": (S, None, False, None),
+    "tokenizer.ggml.tokens": (ARR, S, True, (1, MAX_VOCAB)),
+    "tokenizer.ggml.token_type": (ARR, I32, False, (1, MAX_VOCAB)),
+    "tokenizer.ggml.scores": (ARR, F32, False, (1, MAX_VOCAB)),
+    "tokenizer.ggml.merges": (ARR, S, False, None),
+    "tokenizer.chat_template": (S, None, True, None),
+}
+VISION_KEYS = {
+    "general.architecture": (S, None, True, None),
+    "clip.projector_type": (S, None, True, None),
+    "clip.has_vision_encoder": (BOOL, None, True, None),
+    "clip.has_audio_encoder": (BOOL, None, False, None),
+    "clip.vision.image_size": (U32, None, True, (1, MAX_IMAGE)),
+    "clip.vision.patch_size": (U32, None, True, (1, MAX_IMAGE)),
+    "clip.vision.embedding_length": (U32, None, True, (1, MAX_WIDTH)),
+    "clip.vision.feed_forward_length": (U32, None, True, (1, MAX_WIDTH)),
+    "clip.vision.projection_dim": (U32, None, True, (1, MAX_WIDTH)),
+    "clip.vision.block_count": (U32, None, True, (1, MAX_LAYERS)),
+    "clip.vision.attention.head_count": (U32, None, True, (1, MAX_HEADS)),
+    "clip.vision.attention.head_count_kv": (U32, None, False, (1, MAX_HEADS)),
+    "clip.vision.attention.layer_norm_epsilon": (F32, None, True, (0.0, 1.0)),
+    "clip.vision.feature_layer": (ARR, I32, False, None),
+    "clip.vision.image_mean": (ARR, F32, True, (3, 3)),
+    "clip.vision.image_std": (ARR, F32, True, (3, 3)),
+    "clip.vision.image_grid_pinpoints": (ARR, I32, False, None),
+    "clip.use_gelu": (BOOL, None, False, None),
+    "clip.use_silu": (BOOL, None, False, None),
+    "clip.vision.mm_patch_merge_type": (S, None, False, None),
+    "acestep_gguf.image.resize_shortest_edge": (U32, None, False, (1, MAX_IMAGE)),
+    "acestep_gguf.image.resample": (U32, None, False, (0, 5)),
+}
+PROJECTOR_TYPE = "mlp"
+
+
+def gguf_hparams(fields: dict, tensor_names, role: str) -> dict:
+    """The hyper-parameters ``role_tensors`` needs, read back from one checked GGUF file."""
+    if role == "vision":
+        h = {"n_embd": fields["clip.vision.projection_dim"], "v_embd": fields["clip.vision.embedding_length"],
+             "v_ff": fields["clip.vision.feed_forward_length"], "v_head": fields["clip.vision.attention.head_count"],
+             "v_image": fields["clip.vision.image_size"], "v_patch": fields["clip.vision.patch_size"],
+             "v_feature_layer": fields["clip.vision.block_count"]}
+        h["v_n_pos"] = (h["v_image"] // h["v_patch"]) ** 2 + 1
+        return h
+    a = GGUF_ARCH
+    h = {"n_embd": fields[f"{a}.embedding_length"], "n_ff": fields[f"{a}.feed_forward_length"],
+         "n_layer": fields[f"{a}.block_count"], "n_head": fields[f"{a}.attention.head_count"],
+         "n_vocab": _count(fields["tokenizer.ggml.tokens"]), "tie_word_embeddings": "output.weight" not in tensor_names}
+    h["n_head_kv"] = fields.get(f"{a}.attention.head_count_kv", h["n_head"])
+    h["head_dim"] = fields.get(f"{a}.attention.key_length", h["n_embd"] // h["n_head"])
+    h["n_q"], h["n_kv"] = h["n_head"] * h["head_dim"], h["n_head_kv"] * h["head_dim"]
+    return h
+
+
+def gguf_problems(h: dict, fields: dict, role: str) -> list[str]:
+    """Relations between hyper-parameters that llama.cpp assumes without checking."""
+    if role == "language":
+        problems = []
+        if h["n_head"] % h["n_head_kv"]:
+            problems.append("attention.head_count is not a multiple of head_count_kv")
+        if h["head_dim"] == 0:
+            problems.append("embedding_length is smaller than attention.head_count")
+        return problems
+    checks = [
+        (h["v_image"] % h["v_patch"] or h["v_patch"] > h["v_image"], "clip.vision.image_size is not a multiple of patch_size"),
+        (h["v_embd"] % h["v_head"], "clip.vision.embedding_length is not a multiple of attention.head_count"),
+        (fields.get("clip.projector_type") != PROJECTOR_TYPE, f"clip.projector_type is not {PROJECTOR_TYPE!r}"),
+        (fields.get("clip.has_vision_encoder") is not True, "clip.has_vision_encoder is not true"),
+        (fields.get("clip.use_gelu") and fields.get("clip.use_silu"), "clip.use_gelu and clip.use_silu are both set"),
+        (any(not 0 <= k <= h["v_feature_layer"] for k in fields.get("clip.vision.feature_layer", [])),
+         "clip.vision.feature_layer is outside the written layers"),
+        (fields.get("clip.vision.image_grid_pinpoints"), "clip.vision.image_grid_pinpoints is not used by llava-1.5 models"),
+    ]
+    return [message for bad, message in checks if bad]
+
+
+def _count(value) -> int:
+    return len(value) if isinstance(value, list) else value.count

@@ -23,3 +23,8 @@ def detect(config: dict, config_path: str = "config.json") -> ModuleType:
         f"{config_path}: {what}: not a supported vision-language checkpoint; "
         f"acestep-gguf converts {supported} (Qwen2 + CLIP + MLP projector)"
     )
+
+
+def for_gguf(arch) -> ModuleType | None:
+    """The family whose language-model GGUF architecture is ``arch``, if any."""
+    return next((f for f in FAMILIES if f.GGUF_ARCH == arch), None)

@@ -1,12 +1,18 @@
-"""Batch captioning: one loaded model, one JSON line per image, resumable, failures recorded."""
+"""Batch captioning: one loaded model, one JSON line per image, resumable, failures recorded once.
+
+The output file is the only state. Each record is appended with a single write() on an O_APPEND
+descriptor, so a crash leaves whole lines plus at most one torn last line; that torn line is cut
+off before the next run appends. An image is done when it has a line: re-runs skip it, and a failed
+one is retried only when asked (its old error line is then replaced, never duplicated)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..errors import AcestepGGUFError, ImageError
+from ..errors import AcestepGGUFError, ImageError, OutputError
 
 
 def collect_images(inputs: Iterable[Path], suffixes: tuple[str, ...]) -> list[Path]:
@@ -16,8 +22,8 @@ def collect_images(inputs: Iterable[Path], suffixes: tuple[str, ...]) -> list[Pa
         item = Path(item).expanduser()
         if item.is_dir():
             files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-        elif item.is_file():
-            files.append(item)
+        elif os.path.lexists(item):
+            files.append(item)  # a bad file is recorded as a failed image, not a reason to stop
         else:
             raise ImageError(f"{item}: no such file or folder")
     if not files:
@@ -25,31 +31,62 @@ def collect_images(inputs: Iterable[Path], suffixes: tuple[str, ...]) -> list[Pa
     return files
 
 
-def _done(out_file: Path) -> set[str]:
-    """Images already captioned successfully by an earlier run of the same output file."""
+def read_records(out_file: Path) -> list[dict]:
+    """The whole records of an earlier run, after cutting off a torn last line."""
     if not out_file.exists():
-        return set()
-    done = set()
-    for line in out_file.read_text(encoding="utf-8").splitlines():
+        return []
+    try:
+        data = out_file.read_bytes()
+        if data and not data.endswith(b"\n"):  # the last write was cut short: drop the partial record
+            with open(out_file, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+            data = data[:data.rfind(b"\n") + 1]
+    except OSError as e:
+        raise OutputError(f"{out_file}: {e.strerror}") from None
+    records = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by an interrupted run
-        if isinstance(record, dict) and "text" in record and "image" in record:
-            done.add(record["image"])
-    return done
+            continue
+        if isinstance(record, dict) and isinstance(record.get("image"), str):
+            records.append(record)
+    return records
+
+
+def _rewrite_without(out_file: Path, drop: set[str]) -> None:
+    """Remove the error lines of images about to be retried (atomically: temp file + rename)."""
+    lines = out_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [ln for ln in lines if not _is_error_for(ln, drop)]
+    tmp = out_file.with_name(out_file.name + ".partial")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, out_file)
+
+
+def _is_error_for(line: str, images: set[str]) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "error" in record and record.get("image") in images
 
 
 def caption_images(chat, files: list[Path], prompt: str, out_file: Path, max_tokens: int = 256,
-                   on_image: Callable[[dict], None] = lambda record: None) -> dict:
+                   retry_failed: bool = False, on_image: Callable[[dict], None] = lambda record: None) -> dict:
     """Append {"image", "text", ...} or {"image", "error"} per image; each image starts a fresh conversation."""
-    done = _done(out_file)
-    summary = {"captioned": 0, "skipped": 0, "failed": 0}
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_file, "a", encoding="utf-8") as sink:
+    records = read_records(out_file)
+    captioned = {r["image"] for r in records if "text" in r}
+    failed = {r["image"] for r in records if "error" in r} - captioned
+    retry = {str(p) for p in files} & failed if retry_failed else set()
+    if retry:
+        _rewrite_without(out_file, retry)
+    summary = {"captioned": 0, "skipped": 0, "failed": 0}
+    fd = os.open(out_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
         for path in files:
             key = str(path)
-            if key in done:
+            if key in captioned or (key in failed and key not in retry):
                 summary["skipped"] += 1
                 on_image({"image": key, "skipped": True})
                 continue
@@ -63,7 +100,8 @@ def caption_images(chat, files: list[Path], prompt: str, out_file: Path, max_tok
             except AcestepGGUFError as e:
                 record = {"image": key, "error": str(e)}
                 summary["failed"] += 1
-            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
-            sink.flush()
+            os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))  # one whole line
             on_image(record)
+    finally:
+        os.close(fd)
     return summary

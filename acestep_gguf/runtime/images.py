@@ -16,9 +16,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
+from ..files import read_bytes
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_BYTES = 64 * 1024 * 1024
@@ -63,11 +65,7 @@ def _read_source(image) -> tuple[bytes | Image.Image, str]:
             except (binascii.Error, ValueError):
                 raise ImageError("data: URI: the base64 payload is invalid") from None
         path = Path(text).expanduser()
-        if not path.is_file():
-            raise ImageError(f"{path}: no such image file")
-        if path.stat().st_size > MAX_BYTES:
-            raise ImageError(f"{path}: {path.stat().st_size} bytes is over the {MAX_BYTES >> 20} MiB image limit")
-        return path.read_bytes(), str(path)
+        return read_bytes(path, ImageError, MAX_BYTES, "image file"), str(path)
     raise ImageError(f"unsupported image value of type {type(image).__name__}: pass a path, bytes, a PIL image or a data: URI")
 
 
@@ -88,15 +86,33 @@ def decode(image) -> tuple[Image.Image, str]:
             img.load()
         except UnidentifiedImageError:
             raise ImageError(f"{label}: not a JPEG, PNG or WEBP image") from None
-        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ImageError(f"{label}: cannot decode image ({e})") from None
-    img = ImageOps.exif_transpose(img)
+        except ImageError:
+            raise
+        except Exception as e:  # Pillow raises OSError, ValueError (huge text chunks), SyntaxError, ...
+            raise ImageError(f"{label}: cannot decode image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        pass
+    img = _eight_bit(img)
     if img.mode in ("RGBA", "LA", "P", "PA"):
         img = img.convert("RGBA")
         flat = Image.new("RGBA", img.size, (255, 255, 255, 255))
         flat.alpha_composite(img)
         img = flat
     return img.convert("RGB"), label
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale scaled to 8 bits (Pillow's convert would clip them to white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        return Image.fromarray((np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "L")
+    return img
 
 
 def _check_pixels(img: Image.Image, label: str) -> None:
@@ -106,13 +122,19 @@ def _check_pixels(img: Image.Image, label: str) -> None:
 
 
 def prepare(image, recipe: PixelRecipe) -> PreparedImage:
-    """Decode, resize the shortest edge, centre-crop to the model's square input."""
+    """Decode, resize the shortest edge, centre-crop to the model's square input (an image
+    prepared earlier for the same recipe passes through)."""
+    if isinstance(image, PreparedImage) and image.size == recipe.image_size:
+        return image
     img, label = decode(image)
     w, h = img.size
     if min(w, h) < recipe.patch_size:
         raise ImageError(f"{label}: {w}x{h} is smaller than one {recipe.patch_size}-pixel patch")
     edge = recipe.resize_shortest_edge
     new_w, new_h = (edge, max(edge, int(edge * h / w))) if w <= h else (max(edge, int(edge * w / h)), edge)
+    if new_w * new_h > MAX_PIXELS:  # a long thin picture scaled up: refused before any pixel is made
+        raise ImageError(f"{label}: {w}x{h} would be resized to {new_w}x{new_h}, over the {MAX_PIXELS} pixel limit "
+                         f"(aspect ratio {max(w, h) / min(w, h):.0f}:1)")
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), resample=recipe.resample)
     size = recipe.image_size

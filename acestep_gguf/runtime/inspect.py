@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..errors import ModelFilesError
 from .gguf_header import LongArray, read_header
-from .model_files import FILE_TYPES
+from .model_files import FILE_TYPES, check_file, fields_of
 
 
 def describe(path: Path) -> dict:
@@ -19,6 +20,11 @@ def describe(path: Path) -> dict:
         return value.count if isinstance(value, LongArray) else value
 
     arch = field("general.architecture")
+    try:
+        check_file(fields_of(header), path, "vision" if arch == "clip" else "language")
+        check = "ok (llama.cpp can load it)"
+    except ModelFilesError as e:
+        check = f"failed: {str(e).removeprefix(str(path) + ': ')}"
     types: dict[str, int] = {}
     for t in header.tensors:
         types[t.type.name] = types.get(t.type.name, 0) + 1
@@ -26,7 +32,7 @@ def describe(path: Path) -> dict:
         "file": str(path), "bytes": path.stat().st_size, "architecture": arch, "name": field("general.name"),
         "file_type": FILE_TYPES.get(field("general.file_type"), field("general.file_type")),
         "tensors": len(header.tensors), "tensor_types": types,
-        "parameters": sum(math.prod(t.shape) for t in header.tensors),
+        "parameters": sum(math.prod(t.shape) for t in header.tensors), "check": check,
     }
     if arch == "clip":
         for key in ("clip.projector_type", "clip.vision.image_size", "clip.vision.patch_size",

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import llama_cpp
 
-from ..errors import AcestepGGUFError
+from ..errors import AcestepGGUFError, OptionError
 from ..models.presets import PRESETS, QUANT_RULES, language_tensor_bytes, mmproj_bytes
 from .gguf_header import read_header
+from .model_files import check_file, fields_of
 
 MIB = 1 << 20
 MARGIN_FIXED = 512 * MIB  # CUDA context, cuBLAS workspace, fragmentation
@@ -63,29 +64,46 @@ class OffloadPlan:
         return asdict(self)
 
 
-def parse_size(value: str | int | float) -> int:
-    """'12GiB', '12 GB', '11.5G', '800MiB' or a byte count → bytes (G and GiB are both 2**30)."""
-    if isinstance(value, (int, float)):
+def parse_size(value: str | int | float, option: str = "--vram") -> int:
+    """'12GiB', '12 GB', '11.5G', '800MiB' → bytes (G and GiB are 2**30, GB is 10**9). A bare number
+    is refused (is 12 twelve bytes or twelve gigabytes?); a Python int is a byte count."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise OptionError(f"{option} {value}: a size cannot be negative")
         return int(value)
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", str(value), re.IGNORECASE)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])(i?B)?\s*", str(value), re.IGNORECASE)
     if not m:
-        raise AcestepGGUFError(f"--vram {value!r}: use a size such as 12GiB, 11.5GB or 800MiB")
-    unit = m.group(2).upper()
-    base = 1000 if (m.group(3) or "").upper() == "B" and unit else 1024
-    return int(float(m.group(1)) * base ** " KMGT".index(unit or " "))
+        raise OptionError(f"{option} {value!r}: give a size with a unit, such as 12GiB, 11.5GB or 800MiB")
+    base = 1000 if (m.group(3) or "").upper() == "B" else 1024
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper()))
+
+
+def size_formatter(value: str | int | float | None):
+    """Print sizes in the unit family the user wrote: GiB for 'GiB'/'G', GB for 'GB'."""
+    decimal = isinstance(value, str) and re.search(r"\d\s*[KMGT]B\s*$", value, re.IGNORECASE) is not None
+    base, suffix = (1000, "B") if decimal else (1024, "iB")
+
+    def fmt(n: int) -> str:
+        for unit in "TGM":
+            scale = base ** " KMGT".index(unit)
+            if abs(n) >= scale / 10 or unit == "M":
+                return f"{n / scale:.2f} {unit}{suffix}"
+        return f"{n} B"
+    return fmt
 
 
 def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
     """Real tensor byte counts from the files (headers only)."""
     lm = read_header(model, "language model")
-    f = lm.fields
-    arch = f.get("general.architecture")
+    f = fields_of(lm)
+    check_file(f, Path(model), "language")  # every key used below is present, typed and in range
+    arch = f["general.architecture"]
     n_layer = int(f[f"{arch}.block_count"])
     layers = [0] * n_layer
     other: dict[str, int] = {}
     for t in lm.tensors:
         m = re.match(r"blk\.(\d+)\.", t.name)
-        if m:
+        if m and int(m.group(1)) < n_layer:
             layers[int(m.group(1))] += t.n_bytes
         else:
             other[t.name] = t.n_bytes
@@ -95,6 +113,7 @@ def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
     if mmproj is not None:
         mp = read_header(mmproj, "mmproj")
         g = mp.fields
+        check_file(fields_of(mp), Path(mmproj), "vision")
         size, patch = int(g["clip.vision.image_size"]), int(g["clip.vision.patch_size"])
         v = {"bytes": sum(t.n_bytes for t in mp.tensors), "n_pos": (size // patch) ** 2 + 1,
              "embd": int(g["clip.vision.embedding_length"]), "ff": int(g["clip.vision.feed_forward_length"]),
