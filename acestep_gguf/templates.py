@@ -132,7 +132,7 @@ PROBES = {
 }
 
 
-def probe(template: jinja2.Template, which: str, bos_token: str = "", eos_token: str = "") -> None:
+def probe(template: jinja2.Template, which: str, bos_token: str = "<s>", eos_token: str = "</s>") -> None:
     """Render one probe conversation; TemplateFailed says what went wrong."""
     messages = PROBES[which]
     text = render(template, messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)

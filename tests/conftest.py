@@ -67,3 +67,20 @@ def second_image(tmp_path_factory) -> Path:
 
 def pytest_configure(config):
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def endless(tmp_path_factory, tiny_model, tokenizer) -> Path:
+    """A converted model whose replies never end by themselves (greedy): the lm_head rows of every
+    special token are zero, so their logit 0 always loses to some positive one. Cancels, closes and
+    Ctrl-C then always land in the middle of a generation."""
+    import copy
+    from builders import SPECIALS
+    model = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for text in SPECIALS:
+            model.lm_head.weight[tokenizer.token_to_id(text)] = 0.0
+    ckpt = save_checkpoint(model, tokenizer, tmp_path_factory.mktemp("endless") / "endless")
+    out = tmp_path_factory.mktemp("endless-gguf") / "endless-gguf"
+    convert(ckpt, out=out, quant="F16", mmproj_quant="F16")
+    return out

@@ -207,7 +207,7 @@ def test_not_enough_disk_space_is_reported_before_writing(tmp_path, fresh_checkp
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     out = tmp_path / "out"
     out.mkdir()
-    assert_clean_failure(cli("convert", fresh_checkpoint(), "--out", out), "GB free", "needs about")
+    assert_clean_failure(cli("convert", fresh_checkpoint(), "--out", out), "0.0 MB free but", "needs about")
     assert list(out.iterdir()) == []  # an existing folder stays, empty
 
 

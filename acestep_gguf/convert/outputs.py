@@ -65,8 +65,12 @@ def remove_stale_partials(folder: Path) -> None:
 def check_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise OutputError(f"{folder}: {free / 1e9:.1f} GB free but this conversion needs about "
-                          f"{needed / 1e9:.1f} GB (outputs plus a lossless intermediate); free space or use --out")
+        raise OutputError(f"{folder}: {_amount(free)} free but this conversion needs about {_amount(needed)} "
+                          "(outputs plus a lossless intermediate); free space or use --out")
+
+
+def _amount(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def verify(path: Path, arch: str, expected: dict[str, tuple[int, ...]]) -> None:

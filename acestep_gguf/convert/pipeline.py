@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -85,6 +86,8 @@ def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, pr
             return _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, threads, verbose,
                                  progress)
     except OSError as e:  # disk full, permissions, a file removed under us: name it, no traceback
+        if e.errno == errno.EROFS:
+            raise OutputError(f"{folder}: Read-only file system (there are outputs to write)") from None
         raise OutputError(f"{e.filename or folder}: {e.strerror or e}") from None
     finally:
         if created and folder.is_dir() and not any(folder.iterdir()):

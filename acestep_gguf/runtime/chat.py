@@ -96,7 +96,7 @@ class VisionChat:
         self._n_past = 0
         self._piece_buf = ctypes.create_string_buffer(256)
         self._lock = threading.Lock()  # the session: held by a turn from stream() to its end, or by one call
-        self._active: _Turn | None = None
+        self._active = None  # weakref to the running _Turn: a dropped stream must still be collected
         self._closed = False
         cancel = self._cancel = threading.Event()
         self._abort_cb = llama_cpp.ggml_abort_callback(lambda _: cancel.is_set())  # no reference to self
@@ -144,7 +144,7 @@ class VisionChat:
         if self._closed:
             return
         self._cancel.set()
-        turn = self._active
+        turn = self._active() if self._active is not None else None
         if turn is not None:
             turn.close()  # waits for a step in progress (cancelled, so short), then ends the turn
         with self._lock:
@@ -194,7 +194,8 @@ class VisionChat:
         self._acquire()
         self._cancel.clear()  # a cancel() from now on, even before the first next(), ends this turn
         self.last_turn = TurnStats()
-        turn = self._active = _Turn(self, self._turn({"role": "user", "content": parts}, options, self.last_turn))
+        turn = _Turn(self, self._turn({"role": "user", "content": parts}, options, self.last_turn))
+        self._active = weakref.ref(turn)
         return turn
 
     def prepare_image(self, image) -> PreparedImage:
@@ -251,7 +252,7 @@ class VisionChat:
             self._require_open()
 
     def _release(self, turn: "_Turn | None" = None) -> None:
-        if turn is not None and self._active is turn:
+        if turn is not None and self._active is not None and self._active() in (turn, None):
             self._active = None
         self._lock.release()
 
