@@ -38,24 +38,10 @@ def test_convert_json_prints_the_manifest_and_a_rerun_reuses_files(tmp_path, tin
     assert {f["type"] for f in json.loads((out / "manifest.json").read_text())["files"]} == {"Q8_0", "F16"}
 
 
-def test_convert_from_the_offline_hugging_face_cache(tmp_path, tiny_checkpoint, monkeypatch):
-    """A repo id resolves through huggingface-hub's cache with HF_HUB_OFFLINE=1."""
-    hub = tmp_path / "hub"
-    snapshot = hub / "models--acme--tiny-llava" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    for f in tiny_checkpoint.iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
-    (hub / "models--acme--tiny-llava" / "refs").mkdir()
-    (hub / "models--acme--tiny-llava" / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_a_repo_id_not_in_the_cache_is_one_line_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    result = cli("convert", "acme/tiny-llava", "--out", tmp_path / "o", "--quant", "Q8_0", "--json")
-    assert result.exit_code == 0, result.output
-    manifest = json.loads(result.stdout)
-    assert manifest["name"] == "tiny-llava" and manifest["source"]["repo_id"] == "acme/tiny-llava"
     missing = cli("convert", "acme/not-cached", "--out", tmp_path / "o2")
     assert missing.exit_code == 1 and "not in the local Hugging Face cache" in missing.stderr
 
@@ -72,26 +58,38 @@ def test_chat_one_shot_streams_and_json(converted, noise_image):
     assert streamed.stdout.rstrip("\n") == data["text"]  # the same greedy answer either way
 
 
-def test_chat_interactive_script(converted, noise_image, second_image):
-    script = "\n".join(["What is in this picture?", f"/image {second_image}", "And now?", "/reset", "Hello?",
-                        "/image /nonexistent.png", "Broken?", "After the error?", "/quit", "never read"]) + "\n"
-    result = cli("chat", noise_image, "-m", converted, "--max-tokens", "4", input=script)
+def test_chat_interactive_script(endless, noise_image, second_image):
+    script = "\n".join(["What is in this picture?", "/help", f"/image {second_image}", "/images", "And now?", "/reset",
+                        "Hello?", "/image /nonexistent.png", "/frobnicate", "//slash message", "/quit",
+                        "never read"]) + "\n"
+    result = cli("chat", noise_image, "-m", endless, "--max-tokens", "4", input=script)
     assert result.exit_code == 0, result.output
-    assert "conversation reset" in result.stderr
-    assert "no such image file" in result.stderr  # a bad image ends that turn, not the session
-    replies = [line for line in result.stdout.split("\n")]
-    assert len(replies) >= 4
+    err = result.stderr
+    assert "/image PATH   attach an image" in err  # /help
+    assert f"attached {second_image} (sent with your next message)" in err and f"{second_image}\n" in err
+    assert "conversation reset" in err
+    assert "error: /nonexistent.png: no such image file" in err  # refused at once, not after the next message
+    assert "error: unknown command /frobnicate" in err
+    replies = [line for line in result.stdout.split("\n") if line]
+    assert len(replies) == 4  # four messages were sent (the // one too); commands produced no reply
 
 
-def test_chat_ends_at_end_of_input(converted):
-    result = cli("chat", "-m", converted, "--max-tokens", "2", input="Hi\n")
-    assert result.exit_code == 0
+def test_chat_ends_at_end_of_input(endless):
+    result = cli("chat", "-m", endless, "--max-tokens", "3", input="Hi\n")
+    assert result.exit_code == 0 and len(result.stdout.strip()) > 0 and result.stderr == ""
 
 
-def test_chat_without_a_model_says_what_to_do(tmp_path, noise_image):
-    result = cli("chat", noise_image, "-p", "hi", env={"ACESTEP_GGUF_CACHE": str(tmp_path / "cache"),
-                                                       "ACESTEP_GGUF_MODEL": ""})
-    assert result.exit_code == 1 and "acestep-gguf demo" in result.stderr
+def test_chat_without_a_model_uses_the_demo_and_converts_a_quant_on_demand(tmp_path, noise_image):
+    env = {"ACESTEP_GGUF_CACHE": str(tmp_path / "cache"), "ACESTEP_GGUF_MODEL": ""}
+    first = cli("chat", noise_image, "-p", "What shape is this?", "--max-tokens", "8", "--json", env=env)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["quant"] == "Q8_0"  # the demo, converted on first use
+    q4 = cli("chat", noise_image, "-p", "What shape is this?", "--quant", "Q4_K_M", "--max-tokens", "8", "--json",
+             env=env)
+    assert q4.exit_code == 0, q4.output
+    assert json.loads(q4.stdout)["quant"] == "Q4_K_M"
+    manifest = json.loads((tmp_path / "cache" / "acestep-demo-gguf" / "manifest.json").read_text())
+    assert {f["type"] for f in manifest["files"] if f["role"] == "language"} == {"Q8_0", "Q4_K_M"}
 
 
 def test_chat_bad_image_is_one_clear_line(converted, tmp_path):
@@ -118,8 +116,39 @@ def test_caption_batch_with_a_bad_image_and_resume(converted, tmp_path):
     assert "4 captioned, 0 already done, 1 failed" in first.stderr
     Image.fromarray(rng.integers(0, 256, (50, 50, 3), np.uint8)).save(folder / "img4.png")
     second = cli("caption", folder, "--out", out, "-m", converted, "--max-tokens", "4")
-    assert second.exit_code == 0 and "1 captioned, 4 already done, 1 failed" in second.stderr
-    assert len(out.read_text().splitlines()) == 7  # the bad image is retried and recorded again
+    assert second.exit_code == 0 and "1 captioned, 5 already done, 0 failed" in second.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 6 and sum("error" in json.loads(ln) for ln in lines) == 1  # the bad image once
+
+
+def test_caption_retry_failed_replaces_the_error_line(converted, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    Image.new("RGB", (60, 60), (200, 10, 10)).save(folder / "good.png")
+    (folder / "bad.png").write_bytes(b"not yet an image")
+    out = tmp_path / "captions.jsonl"
+    assert cli("caption", folder, "--out", out, "-m", converted, "--max-tokens", "3").exit_code == 0
+    Image.new("RGB", (60, 60), (10, 200, 10)).save(folder / "bad.png")  # fixed by the user
+    again = cli("caption", folder, "--out", out, "-m", converted, "--max-tokens", "3", "--retry-failed")
+    assert again.exit_code == 0 and "1 captioned, 1 already done, 0 failed" in again.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["image"].rsplit("/", 1)[1] for r in records) == ["bad.png", "good.png"]
+    assert all("text" in r for r in records)
+
+
+def test_caption_repairs_a_torn_last_line(converted, tmp_path):
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (60, 60), (80 * i, 40, 40)).save(folder / f"p{i}.png")
+    out = tmp_path / "captions.jsonl"
+    assert cli("caption", folder, "--out", out, "-m", converted, "--max-tokens", "3").exit_code == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]) + lines[2][:17])  # killed while writing the third record
+    again = cli("caption", folder, "--out", out, "-m", converted, "--max-tokens", "3")
+    assert again.exit_code == 0 and "1 captioned, 2 already done" in again.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # every line parses
+    assert sorted(r["image"].rsplit("/", 1)[1] for r in records) == ["p0.png", "p1.png", "p2.png"]
 
 
 def test_info_describes_both_files(converted):

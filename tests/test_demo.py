@@ -78,15 +78,15 @@ def test_greedy_text_equals_mtmd_chat_handler(demo_gguf, pictures):
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    handler = MTMDChatHandler(clip_model_path=str(demo_gguf / "mmproj-demo-F16.gguf"), verbose=False)
-    llm = Llama(str(demo_gguf / "demo-Q8_0.gguf"), chat_handler=handler, n_ctx=512, verbose=False)
+    handler = MTMDChatHandler(clip_model_path=str(demo_gguf / "mmproj-demo-F16.gguf"), verbose=False, use_gpu=False)
+    llm = Llama(str(demo_gguf / "demo-Q8_0.gguf"), chat_handler=handler, n_ctx=512, n_gpu_layers=0, verbose=False)
     try:
         for question in ("Describe this image.", "What colour is the shape?"):
             reference = llm.create_chat_completion(
                 messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                                        {"type": "text", "text": question}]}],
                 temperature=0.0, repeat_penalty=1.0, max_tokens=24)["choices"][0]["message"]["content"]
-            with VisionChat.load(demo_gguf, quant="Q8_0", n_ctx=512) as chat:
+            with VisionChat.load(demo_gguf, quant="Q8_0", n_ctx=512, n_gpu_layers=0) as chat:
                 assert chat.ask(question, images=[uri], max_tokens=24) == reference
             assert reference.endswith(".")
     finally:

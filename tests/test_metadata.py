@@ -113,3 +113,21 @@ def test_clip_defaults_without_preprocessor_config(tmp_path, fresh_checkpoint):
     convert(ckpt, out=tmp_path / "o", quant="F16", name="m")
     assert fields(tmp_path / "o" / "mmproj-m-F16.gguf")["clip.vision.image_std"] == pytest.approx(
         [0.26862954, 0.26130258, 0.27577711])
+
+
+def test_general_type_names_each_file(converted):
+    assert fields(converted / "tiny-llava-F16.gguf")["general.type"] == "model"
+    assert fields(converted / "tiny-llava-Q8_0.gguf")["general.type"] == "model"
+    assert fields(converted / "mmproj-tiny-llava-F16.gguf")["general.type"] == "mmproj"
+
+
+def test_no_bf16_tensor_reaches_the_mmproj(tmp_path, fresh_checkpoint):
+    """GPU backends support BF16 unevenly; tensors llama.cpp's quantizer leaves alone (the position
+    embeddings) used to stay BF16 in the "F16" mmproj of a BF16 checkpoint."""
+    import torch
+    from gguf import GGMLQuantizationType as Q
+    ckpt = fresh_checkpoint(dtype=torch.bfloat16)
+    convert(ckpt, out=tmp_path / "o", quant="Q8_0", mmproj_quant="F16", name="m")
+    types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "o" / "mmproj-m-F16.gguf").tensors}
+    assert Q.BF16 not in types.values(), {n: t.name for n, t in types.items() if t == Q.BF16}
+    assert types["v.position_embd.weight"] in (Q.F16, Q.F32) and types["v.blk.0.attn_q.weight"] == Q.F16

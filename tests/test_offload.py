@@ -31,22 +31,20 @@ def test_preset_q4_k_m_matches_the_published_qwen2_5_32b_size():
 def test_preset_plan_for_a_12_gib_card_by_hand():
     shape = shape_from_preset("ace-step-1.5", "Q4_K_M")
     result = plan(shape, 12 * GIB, 8192)
-    kv_layer = 2 * 8 * 128 * 2 * 8192  # K and V, 8 KV heads x 128, F16, 8K context
-    compute = 4 * 512 * (152064 + 40 * 8192 + 2 * 27648 + 4 * 5120)
-    mm_act = 4 * (2 * 1025 * (5120 + 4 * 1280) + 16 * 1025 ** 2)
+    kv_layer = 2 * 8 * 128 * 2 * 8192  # K and V, 8 KV heads x 128, F16, 8K context = 32 MiB
+    compute = 4 * 512 * (152064 + 40 * 8192 + 2 * 27648 + 4 * 5120)  # logits, scores, FFN, residual (F32)
+    mm_act = 4 * (2 * 1025 * (5120 + 4 * 1280) + 16 * 1025 ** 2)  # one 448 px image through ViT-H/14
     margin = MARGIN_FIXED + int(0.05 * 12 * GIB)
-    free = 12 * GIB - compute - shape.mmproj_bytes - mm_act - margin
-    n, used = 0, 0
-    for layer in shape.layer_bytes:
-        if used + layer + kv_layer > free:
-            break
-        used += layer + kv_layer
-        n += 1
-    assert result.n_gpu_layers == n and 24 <= n <= 40  # roughly half of the 64 layers
-    assert result.kv_cache_bytes == n * kv_layer and result.kv_cache_total_bytes == 64 * kv_layer == 2 * GIB
+    assert (kv_layer, compute, mm_act) == (32 << 20, 1_137_704_960, 151_208_000)
+    assert result.kv_cache_bytes == 27 * kv_layer and result.kv_cache_total_bytes == 64 * kv_layer == 2 * GIB
     assert result.compute_bytes == compute and result.margin_bytes == margin
-    assert result.headroom_bytes == free - used
-    assert not result.output_on_gpu
+    assert result.mmproj_compute_bytes == mm_act
+    # docs/offload.md: 27 of the 64 layers fit a 12 GiB card at 8K context; the 28th would not
+    assert result.n_gpu_layers == 27 and not result.output_on_gpu
+    fixed = compute + shape.mmproj_bytes + mm_act + margin
+    used = fixed + sum(shape.layer_bytes[:27]) + 27 * kv_layer
+    assert used <= 12 * GIB < used + shape.layer_bytes[27] + kv_layer
+    assert result.headroom_bytes == 12 * GIB - used
 
 
 def test_plan_of_a_real_gguf(converted):

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -25,17 +22,11 @@ CACHE = Path(os.environ.get("ACESTEP_GGUF_TEST_DATA", Path.home() / ".cache" / "
 
 @pytest.fixture(scope="module")
 def vocab_files() -> Path:
-    """ggml-vocab-qwen2.gguf + .inp + .out from the llama-cpp-python source distribution (cached)."""
+    """ggml-vocab-qwen2.gguf + .inp + .out, put there by tools/build_llama_cpp.sh (the README's setup)."""
     folder = CACHE / f"llama-cpp-python-{VERSION}"
-    if not (folder / (VOCAB + ".out")).exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                        f"llama-cpp-python=={VERSION}", "-d", str(folder)], check=True)
-        with tarfile.open(folder / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
-            for suffix in ("", ".inp", ".out"):
-                member = tar.getmember(f"llama_cpp_python-{VERSION}/vendor/llama.cpp/models/{VOCAB}{suffix}")
-                (folder / (VOCAB + suffix)).write_bytes(tar.extractfile(member).read())
-        (folder / f"llama_cpp_python-{VERSION}.tar.gz").unlink()
+    missing = [VOCAB + s for s in ("", ".inp", ".out") if not (folder / (VOCAB + s)).is_file()]
+    if missing:
+        pytest.fail(f"{folder}: {', '.join(missing)} missing; run tools/build_llama_cpp.sh (the README's setup step)")
     return folder
 
 

@@ -5,11 +5,18 @@
 # encoded with shifted position embeddings, patch 0 dropped and [CLS] passed to the LLM.
 # The installed version is 0.3.36+acestep.1 (it satisfies ==0.3.36). Pass CMAKE_ARGS for CUDA:
 #   CMAKE_ARGS="-DGGML_CUDA=on" bash tools/build_llama_cpp.sh
+#
+# It also keeps llama.cpp's Qwen2 tokenizer test vectors (models/ggml-vocab-qwen2.gguf + .inp/.out)
+# in $ACESTEP_GGUF_TEST_DATA (default ~/.cache/acestep-gguf/test-data): the test suite reads them
+# there and never downloads anything itself.
 set -euo pipefail
 VERSION=0.3.36
 PY=${PYTHON:-python3}
-if "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$VERSION+acestep.1' else 1)" 2>/dev/null \
-   && [ -z "${FORCE:-}" ]; then
+DATA="${ACESTEP_GGUF_TEST_DATA:-$HOME/.cache/acestep-gguf/test-data}/llama-cpp-python-$VERSION"
+VOCAB=ggml-vocab-qwen2.gguf
+installed() { "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$VERSION+acestep.1' else 1)" 2>/dev/null; }
+have_data() { [ -f "$DATA/$VOCAB" ] && [ -f "$DATA/$VOCAB.inp" ] && [ -f "$DATA/$VOCAB.out" ]; }
+if installed && [ -z "${FORCE:-}" ] && have_data; then
   echo "llama-cpp-python $VERSION+acestep.1 is already installed (FORCE=1 rebuilds it)"
   exit 0
 fi
@@ -19,6 +26,12 @@ trap 'rm -rf "$work"' EXIT
   || "$PY" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work" -q
 tar -xzf "$work"/llama_cpp_python-$VERSION.tar.gz -C "$work"
 src="$work/llama_cpp_python-$VERSION"
+mkdir -p "$DATA"
+for suffix in "" .inp .out; do cp "$src/vendor/llama.cpp/models/$VOCAB$suffix" "$DATA/"; done
+if installed && [ -z "${FORCE:-}" ]; then
+  echo "llama-cpp-python $VERSION+acestep.1 is already installed; tokenizer test data kept in $DATA"
+  exit 0
+fi
 graph="$src/vendor/llama.cpp/tools/mtmd/models/llava.cpp"
 grep -q 'ggml_concat(ctx0, inp, model.class_embedding, 1)' "$graph" || { echo "llava.cpp has changed: patch no longer applies" >&2; exit 1; }
 sed -i 's/ggml_concat(ctx0, inp, model.class_embedding, 1)/ggml_concat(ctx0, model.class_embedding, inp, 1)/' "$graph"
