@@ -1,15 +1,25 @@
-"""acestep-gguf: llava-style (Qwen2 + CLIP + MLP) checkpoints to quantized GGUF, and offline image chat."""
+"""acestep-gguf: llava-style (Qwen2 + CLIP + MLP) checkpoints to quantized GGUF, and offline image chat.
+
+llama.cpp and the runtime load on first use of ``VisionChat`` (and the converter on the first
+``convert`` call), so importing the package and starting the CLI are quick, and a Ctrl-C during
+start-up reaches the entry point's handler instead of printing a traceback from inside an import."""
 
 __version__ = "0.1.0"
 
-from .errors import (AcestepGGUFError, BusyError, CancelledError, CheckpointError, ConfigError, ContextFullError,  # noqa: E402
-                     ImageError, ModelFilesError, OptionError, OutputError, QuantizeError, TensorError,
-                     UnsupportedArchitectureError)
+from .convert import convert  # noqa: E402  (light: the pipeline is imported on the first call)
+from .errors import (AcestepGGUFError, BusyError, CancelledError, CheckpointError, ConfigError,  # noqa: E402
+                     ContextFullError, ImageError, ModelFilesError, OptionError, OutputError, QuantizeError,
+                     TensorError, UnsupportedArchitectureError)
 from .manifest import Manifest  # noqa: E402
-from .convert import convert  # noqa: E402
-from .runtime import VisionChat  # noqa: E402
 
 __all__ = ["convert", "VisionChat", "Manifest", "AcestepGGUFError", "BusyError", "CancelledError", "CheckpointError",
-           "ConfigError", "OptionError",
-           "ContextFullError", "ImageError", "ModelFilesError", "OutputError", "QuantizeError", "TensorError",
-           "UnsupportedArchitectureError"]
+           "ConfigError", "OptionError", "ContextFullError", "ImageError", "ModelFilesError", "OutputError",
+           "QuantizeError", "TensorError", "UnsupportedArchitectureError"]
+
+
+def __getattr__(name: str):
+    if name == "VisionChat":
+        from .runtime import VisionChat
+        globals()["VisionChat"] = VisionChat
+        return VisionChat
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

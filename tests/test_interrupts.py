@@ -108,3 +108,18 @@ def test_sigint_in_the_main_thread_of_a_host_app(endless, capfd):
         assert chat.last_turn.finish_reason == "cancelled" and chat.last_turn.completion_tokens > 0
         assert chat.ask("Still working?", max_tokens=3) != ""
     assert "Exception ignored" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("delay", [0.25, 0.4, 0.6, 0.9])
+def test_an_early_ctrl_c_is_never_lost_or_a_traceback(endless, noise_image, delay):
+    """Ctrl-C while the command is still importing llama.cpp, loading the model or encoding the image:
+    exit 130, one line, and the answer does not run on."""
+    proc = subprocess.Popen(["acestep-gguf", "chat", str(noise_image), "-m", str(endless), "-p", "Describe it.",
+                             "--max-tokens", "100000", "--ctx", "16384"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    stderr = stderr.decode()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted" and len(stderr.strip().splitlines()) == 1
+    no_python_noise(stderr)

@@ -152,3 +152,21 @@ def test_a_forgotten_session_is_freed_by_its_finalizer(endless, monkeypatch):
     del chat
     gc.collect()
     assert freed == [True]
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.001, 0.005, 0.02, 0.08])
+def test_a_cancel_in_any_phase_ends_the_turn_cleanly(session, noise_image, second_image, delay):
+    """A long prompt with two images: depending on the delay the cancel lands in rendering, prefill,
+    image encoding or decoding. Whichever it is, the turn ends as cancelled and nothing private escapes."""
+    session.reset()
+    timer = threading.Timer(delay, session.cancel)
+    stream = session.stream("word " * 700, images=[noise_image, second_image], max_tokens=100000)
+    timer.start()
+    pieces = list(stream)
+    timer.join()
+    t = session.last_turn
+    assert t.finish_reason == "cancelled" and t.completion_tokens < 100000
+    # cancelled in prefill: the message is not kept and nothing was said; later: the partial reply is kept
+    kept = session.messages[-1]["content"][0]["text"] if session.messages else ""
+    assert "".join(pieces) == kept and len(session.messages) in (0, 2)
+    assert session.ask("Still fine?", max_tokens=2) != ""
