@@ -280,7 +280,7 @@ def language_metadata(h: dict) -> list[MetadataEntry]:
 def vision_metadata(h: dict) -> list[MetadataEntry]:
     """clip.* keys of the mmproj GGUF, plus the pixel recipe the runtime applies before llama.cpp."""
     entries = [
-        MetadataEntry("clip.projector_type", "mlp", T.STRING),
+        MetadataEntry("clip.projector_type", PROJECTOR_TYPE, T.STRING),
         MetadataEntry("clip.has_vision_encoder", True, T.BOOL),
         MetadataEntry("clip.has_text_encoder", False, T.BOOL),
         MetadataEntry("clip.vision.image_size", h["v_image"], T.UINT32),
@@ -387,7 +387,6 @@ def gguf_problems(h: dict, fields: dict, role: str) -> list[str]:
     checks = [
         (h["v_image"] % h["v_patch"] or h["v_patch"] > h["v_image"], "clip.vision.image_size is not a multiple of patch_size"),
         (h["v_embd"] % h["v_head"], "clip.vision.embedding_length is not a multiple of attention.head_count"),
-        (fields.get("clip.projector_type") != PROJECTOR_TYPE, f"clip.projector_type is not {PROJECTOR_TYPE!r}"),
         (fields.get("clip.has_vision_encoder") is not True, "clip.has_vision_encoder is not true"),
         (fields.get("clip.use_gelu") and fields.get("clip.use_silu"), "clip.use_gelu and clip.use_silu are both set"),
         (any(not 0 <= k <= h["v_feature_layer"] for k in fields.get("clip.vision.feature_layer", [])),

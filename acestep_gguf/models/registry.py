@@ -25,6 +25,9 @@ def detect(config: dict, config_path: str = "config.json") -> ModuleType:
     )
 
 
-def for_gguf(arch) -> ModuleType | None:
-    """The family whose language-model GGUF architecture is ``arch``, if any."""
-    return next((f for f in FAMILIES if f.GGUF_ARCH == arch), None)
+def for_gguf(fields: dict, role: str) -> ModuleType | None:
+    """The family that reads this GGUF file: by architecture for a language model, by projector
+    type for an mmproj (which does not say which language model it belongs to)."""
+    if role == "vision":
+        return next((f for f in FAMILIES if f.PROJECTOR_TYPE == fields.get("clip.projector_type")), None)
+    return next((f for f in FAMILIES if f.GGUF_ARCH == fields.get("general.architecture")), None)

@@ -46,10 +46,11 @@ def check_file(fields: dict, path: Path, role: str) -> None:
         raise ModelFilesError(f"{path}: this is an mmproj (clip) file; pass the language model (or the folder)")
     if role == "vision" and arch != "clip":
         raise ModelFilesError(f"{path}: not an mmproj file (general.architecture is {arch!r}, expected 'clip')")
-    family = for_gguf("qwen2" if role == "vision" else arch)  # one vision layout per family today
+    family = for_gguf(fields, role)
     if family is None:
-        raise ModelFilesError(f"{path}: architecture {arch!r} is not supported (supported: "
-                              f"{', '.join(f.GGUF_ARCH for f in FAMILIES)})")
+        key = "clip.projector_type" if role == "vision" else "general.architecture"
+        known = ", ".join(f.PROJECTOR_TYPE if role == "vision" else f.GGUF_ARCH for f in FAMILIES)
+        raise ModelFilesError(f"{path}: {key} {fields.get(key)!r} is not supported (supported: {known})")
     schema = family.VISION_KEYS if role == "vision" else family.LANGUAGE_KEYS
     for key, rule in schema.items():
         problem = _key_problem(fields, key, rule)
