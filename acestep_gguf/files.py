@@ -76,6 +76,11 @@ def read_json_object(path: Path, error: type[AcestepGGUFError], limit: int = MAX
     return value
 
 
+def bare_name(name: str) -> bool:
+    """A plain file name inside a folder: no separators, no '..', not absolute, not hidden."""
+    return isinstance(name, str) and bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\x00")
+
+
 def exists(path: Path) -> bool:
     """True for anything at ``path``, a dangling symlink included (so it is reported, not skipped)."""
     return os.path.lexists(path)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ModelFilesError
+from .files import bare_name, read_json_object
 
 MANIFEST = "manifest.json"
 # Best first: what the runtime picks when no quant is asked for.
@@ -36,15 +38,17 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> "Manifest":
+        """The manifest, every field checked: file entries must be plain names inside the folder."""
         path = Path(folder) / MANIFEST
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(data["name"], data["source"], data["tool_version"],
-                       [ManifestFile(**f) for f in data["files"]])
-        except FileNotFoundError:
-            raise ModelFilesError(f"{path}: missing; is {folder} a folder written by `acestep-gguf convert`?") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise ModelFilesError(f"{path}: unreadable manifest ({e})") from None
+        if not os.path.lexists(path):
+            raise ModelFilesError(f"{path}: missing; is {folder} a folder written by `acestep-gguf convert`?")
+        data = read_json_object(path, ModelFilesError, limit=16 << 20)
+        name, source, version, files = (data.get(k) for k in ("name", "source", "tool_version", "files"))
+        if not (isinstance(name, str) and isinstance(source, dict) and isinstance(version, str)
+                and isinstance(files, list)):
+            raise ModelFilesError(f"{path}: not a manifest written by acestep-gguf (name, source, tool_version, "
+                                  "files missing or of the wrong type)")
+        return cls(name, source, version, [_entry(f, path) for f in files])
 
     def entry(self, role: str, type_name: str) -> ManifestFile | None:
         return next((f for f in self.files if f.role == role and f.type == type_name), None)
@@ -61,6 +65,16 @@ class Manifest:
             if self.entry(role, candidate):
                 return self.entry(role, candidate)
         raise ModelFilesError(f"{MANIFEST}: lists no {role} file")
+
+
+def _entry(item, path: Path) -> ManifestFile:
+    types = {"file": str, "role": str, "type": str, "bytes": int, "sha256": str}
+    if not (isinstance(item, dict) and all(type(item.get(k)) is t for k, t in types.items())):
+        raise ModelFilesError(f"{path}: file entry {str(item)[:80]!r} lacks file, role, type, bytes or sha256")
+    name = item["file"]
+    if not bare_name(name) or item["role"] not in ("language", "vision"):
+        raise ModelFilesError(f"{path}: file entry {name!r} is not a plain file name of role language or vision")
+    return ManifestFile(**{k: item[k] for k in types})
 
 
 def sha256_of(path: Path) -> str:

@@ -180,3 +180,13 @@ def test_llama_cpp_stays_silent_unless_verbose(converted, noise_image):
     assert quiet.returncode == 0 and quiet.stderr == "" and len(quiet.stdout.splitlines()) <= 2
     loud = subprocess.run(cmd + ["--verbose"], capture_output=True, text=True, timeout=300)
     assert loud.returncode == 0 and "llama_model_loader" in loud.stderr and "clip_model_loader" in loud.stderr
+
+
+def test_caption_output_that_is_not_a_regular_file(converted, tmp_path, noise_image):
+    import os
+    fifo = tmp_path / "captions.jsonl"
+    os.mkfifo(fifo)
+    result = cli("caption", noise_image, "--out", fifo, "-m", converted)
+    assert result.exit_code == 1 and result.stderr.strip() == f"error: {fifo}: is a FIFO, expected a JSON-lines file"
+    result = cli("caption", noise_image, "--out", tmp_path, "-m", converted)
+    assert result.exit_code == 1 and "is a directory" in result.stderr

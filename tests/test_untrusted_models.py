@@ -135,3 +135,23 @@ def test_check_file_accepts_every_file_we_write(converted):
     check_file(read_fields(converted / MM, "mmproj"), converted / MM, "vision")
     with pytest.raises(ModelFilesError, match="not an mmproj file"):
         check_file(read_fields(converted / LM, "language model"), converted / LM, "vision")
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda m: m["files"][0].update(file="../../elsewhere.gguf"), "'../../elsewhere.gguf' is not a plain file name"),
+    (lambda m: m["files"][0].update(bytes="many"), "lacks file, role, type, bytes or sha256"),
+    (lambda m: m.update(files={"a": 1}), "not a manifest written by acestep-gguf"),
+    (lambda m: m.clear(), "not a manifest written by acestep-gguf"),
+])
+def test_a_tampered_manifest_is_one_line(pair, noise_image, change, needle):
+    manifest = json.loads((pair / "manifest.json").read_text())
+    change(manifest)
+    (pair / "manifest.json").write_text(json.dumps(manifest))
+    one_error_line(chat_on(pair, noise_image), "manifest.json", needle)
+
+
+def test_a_manifest_that_is_a_fifo_is_refused_not_waited_on(pair, noise_image):
+    import os
+    (pair / "manifest.json").unlink()
+    os.mkfifo(pair / "manifest.json")
+    one_error_line(chat_on(pair, noise_image), "manifest.json: is a FIFO")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from ..files import exists, open_regular, read_json_object, read_text
+from ..files import bare_name, exists, open_regular, read_json_object, read_text
 from .safetensors_file import SourceTensor, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -97,11 +97,6 @@ def _chat_template(folder: Path, tokenizer_config: dict) -> str | None:
     if template is not None and not isinstance(template, str):
         raise ConfigError(f"{where}: chat_template is {type(template).__name__}, expected a string")
     return template if template and template.strip() else None
-
-
-def bare_name(name: str) -> bool:
-    """A plain file name inside the folder: no separators, no '..', not absolute, not hidden."""
-    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\x00")
 
 
 def _shard_files(folder: Path) -> tuple[list[Path], dict | None]:

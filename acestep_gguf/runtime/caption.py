@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ..errors import AcestepGGUFError, ImageError, OutputError
+from ..files import open_regular
 
 
 def collect_images(inputs: Iterable[Path], suffixes: tuple[str, ...]) -> list[Path]:
@@ -32,25 +33,27 @@ def collect_images(inputs: Iterable[Path], suffixes: tuple[str, ...]) -> list[Pa
 
 
 def read_records(out_file: Path) -> list[dict]:
-    """The whole records of an earlier run, after cutting off a torn last line."""
-    if not out_file.exists():
+    """The whole records of an earlier run (read line by line), after cutting off a torn last line."""
+    if not os.path.lexists(out_file):
         return []
-    try:
-        data = out_file.read_bytes()
-        if data and not data.endswith(b"\n"):  # the last write was cut short: drop the partial record
-            with open(out_file, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-            data = data[:data.rfind(b"\n") + 1]
-    except OSError as e:
-        raise OutputError(f"{out_file}: {e.strerror}") from None
-    records = []
-    for line in data.decode("utf-8", errors="replace").splitlines():
+    records, whole = [], 0  # bytes up to the end of the last complete line
+    with open_regular(out_file, OutputError, "JSON-lines file") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # the last write was cut short: this partial record is dropped below
+            whole += len(raw)
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("image"), str):
+                records.append(record)
+        torn = f.tell() != whole or os.fstat(f.fileno()).st_size != whole
+    if torn:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("image"), str):
-            records.append(record)
+            os.truncate(out_file, whole)
+        except OSError as e:
+            raise OutputError(f"{out_file}: cannot repair its torn last line ({e.strerror})") from None
     return records
 
 
