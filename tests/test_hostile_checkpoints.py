@@ -33,6 +33,8 @@ def edit(path, change):
     ("preprocessor_config.json", lambda p: p.update(crop_size=[56, 56]), "crop_size is [56, 56], expected a whole number"),
     ("preprocessor_config.json", lambda p: p.update(size={"shortest_edge": 10 ** 6}), "shortest_edge is 1000000, outside"),
     ("preprocessor_config.json", lambda p: p.update(image_mean="grey"), "image_mean must be a list of 3 numbers"),
+    ("preprocessor_config.json", lambda p: p.update(image_std=[0.2, float("nan"), 0.2]), "image_std must be a list"),
+    ("config.json", lambda c: c["text_config"].update(rope_theta=float("inf")), "rope_theta is inf, expected a finite"),
     ("preprocessor_config.json", lambda p: p.update(resample="bicubic"), "resample is 'bicubic'"),
     ("tokenizer.json", lambda t: t.update(added_tokens=[1, 2]), "added_tokens entry '1' is not an object"),
     ("tokenizer.json", lambda t: t.update(added_tokens={"a": 1}), "added_tokens is dict, expected a list"),
@@ -46,6 +48,11 @@ def test_fields_of_the_wrong_type_or_size(tmp_path, fresh_checkpoint, file, chan
     edit(ckpt / file, change)
     assert_clean_failure(cli("convert", ckpt, "--out", tmp_path / "o"), needle, out=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_quantizer_threads_are_bounded(tmp_path, fresh_checkpoint):
+    assert_clean_failure(cli("convert", fresh_checkpoint(), "--out", tmp_path / "o", "--threads", "100000"),
+                         "--threads 100000: a whole number from 1 to 1024")
 
 
 def test_an_added_token_repeating_a_vocabulary_text_is_refused(tmp_path, fresh_checkpoint):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .. import __version__, interrupts
-from ..errors import AcestepGGUFError, OutputError
+from ..errors import AcestepGGUFError, OptionError, OutputError
 from ..manifest import Manifest, ManifestFile
 from ..models.registry import detect
 from .checkpoint import open_checkpoint
@@ -67,6 +67,8 @@ def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, pr
     mmproj_quant = mmproj_quant.upper()
     if mmproj_quant not in VISION_TYPES:
         raise AcestepGGUFError(f"--mmproj-quant {mmproj_quant}: choose F16 or Q8_0")
+    if threads is not None and (type(threads) is not int or not 1 <= threads <= 1024):
+        raise OptionError(f"--threads {threads!r}: a whole number from 1 to 1024")
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise AcestepGGUFError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
 

@@ -6,6 +6,8 @@ here with the field's name instead of as a traceback, a MemoryError or a hang la
 
 from __future__ import annotations
 
+import math
+
 from ..errors import ConfigError
 
 _MISSING = object()
@@ -53,8 +55,8 @@ class Fields:
 
     def number(self, key: str, lo: float, hi: float, default=_MISSING) -> float:
         value = self._get(key, default)
-        if type(value) not in (int, float):
-            raise ConfigError(f"{self.name(key)} is {_show(value)}, expected a number")
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ConfigError(f"{self.name(key)} is {_show(value)}, expected a finite number")
         if not lo <= value <= hi:
             raise ConfigError(f"{self.name(key)} is {value}, outside the range {lo}..{hi} a real model uses")
         return float(value)
@@ -73,7 +75,8 @@ class Fields:
 
     def numbers(self, key: str, length: int, default=_MISSING) -> list[float]:
         value = self._get(key, default)
-        if not (isinstance(value, list) and len(value) == length and all(type(x) in (int, float) for x in value)):
+        if not (isinstance(value, list) and len(value) == length
+                and all(type(x) in (int, float) and math.isfinite(x) for x in value)):
             raise ConfigError(f"{self.name(key)} must be a list of {length} numbers, got {_show(value)}")
         return [float(x) for x in value]
 
