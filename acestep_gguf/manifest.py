@@ -10,11 +10,9 @@ from pathlib import Path
 
 from .errors import ModelFilesError
 from .files import bare_name, read_json_object
+from .quant_types import LANGUAGE_PREFERENCE, VISION_PREFERENCE
 
 MANIFEST = "manifest.json"
-# Best first: what the runtime picks when no quant is asked for.
-LANGUAGE_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "F16", "BF16")
-VISION_PREFERENCE = ("F16", "Q8_0")
 
 
 @dataclass

@@ -18,12 +18,11 @@ from .language import language_file
 from .outputs import (PartialFiles, check_space, exclusive, publish, remove_stale_partials, still_valid, verify,
                       write_manifest)
 from .plan import make_plan
-from .quantize import ALL_QUANTIZED, LANGUAGE_TYPES, VISION_TYPES, quantize
+from ..quant_types import ALL_QUANTIZED, TYPES, VISION_TYPES
+from .quantize import quantize
 from .safetensors_file import TensorReader
 from .vision import vision_file
 
-# Approximate bits per weight, for the free-space check only.
-BITS_PER_WEIGHT = {"Q4_K_M": 4.9, "Q5_K_M": 5.7, "Q8_0": 8.5, "F16": 16, "BF16": 16}
 
 
 class ConvertProgress:
@@ -39,8 +38,8 @@ def parse_quant(quant: str | Iterable[str]) -> list[str]:
     out: list[str] = []
     for q in names:
         for t in (ALL_QUANTIZED if q.lower() == "all" else [q.upper()]):
-            if t not in LANGUAGE_TYPES:
-                raise AcestepGGUFError(f"--quant {q}: unknown type; choose from {', '.join(LANGUAGE_TYPES)} or all")
+            if t not in TYPES:
+                raise OptionError(f"--quant {q}: unknown type; choose from {', '.join(TYPES)} or all")
             if t not in out:
                 out.append(t)
     if not out:
@@ -66,7 +65,7 @@ def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, pr
     types = parse_quant(quant)
     mmproj_quant = mmproj_quant.upper()
     if mmproj_quant not in VISION_TYPES:
-        raise AcestepGGUFError(f"--mmproj-quant {mmproj_quant}: choose F16 or Q8_0")
+        raise OptionError(f"--mmproj-quant {mmproj_quant}: choose {' or '.join(VISION_TYPES)}")
     if threads is not None and (type(threads) is not int or not 1 <= threads <= 1024):
         raise OptionError(f"--threads {threads!r}: a whole number from 1 to 1024")
     if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
@@ -151,7 +150,7 @@ def _check_space(folder: Path, plan, todo) -> None:
     n_params = {role: sum(p.source.n_elements for p in getattr(plan, role)) for role in ("language", "vision")}
     n_bytes = {role: sum(p.source.nbytes for p in getattr(plan, role)) for role in ("language", "vision")}
     needed = sum(n_bytes[r] for r in {r for r, _, _ in todo})
-    needed += sum(int(n_params[r] * BITS_PER_WEIGHT[t] / 8) for r, t, _ in todo)
+    needed += sum(int(n_params[r] * TYPES[t].bits_per_weight / 8) for r, t, _ in todo)
     check_space(folder, int(needed * 1.05) + (64 << 20))
 
 

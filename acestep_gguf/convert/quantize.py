@@ -12,18 +12,9 @@ import llama_cpp
 
 from .. import interrupts, llama_log
 from ..errors import OutputError, QuantizeError
+from ..quant_types import TYPES
 from ..system import default_threads
 
-# llama.cpp's type names → its llama_ftype values.
-LANGUAGE_TYPES = {
-    "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-    "Q5_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
-    "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
-    "F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
-    "BF16": llama_cpp.LLAMA_FTYPE_MOSTLY_BF16,
-}
-VISION_TYPES = {"F16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16, "Q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0}
-ALL_QUANTIZED = ("Q4_K_M", "Q5_K_M", "Q8_0")
 DISK_FULL = 64 << 20  # free bytes under which a failed write is reported as a full disk
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
@@ -31,7 +22,7 @@ _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 def quantize(src: Path, dst: Path, type_name: str, *, threads: int | None = None, verbose: bool = False,
              on_tensor: Callable[[int, int], None] = lambda done, total: None) -> None:
     """Write ``dst`` as ``type_name`` from the lossless GGUF ``src``; ``on_tensor(i, n)`` follows progress."""
-    ftype = LANGUAGE_TYPES[type_name]
+    ftype = int(TYPES[type_name].file_type)
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or default_threads()
     params.ftype = ftype

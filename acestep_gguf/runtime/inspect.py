@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..errors import ModelFilesError
 from .gguf_header import LongArray, read_header
-from .model_files import FILE_TYPES, check_file, fields_of
+from ..quant_types import name_of_file_type
+from .model_files import check_file, fields_of
 
 
 def describe(path: Path) -> dict:
@@ -30,7 +31,7 @@ def describe(path: Path) -> dict:
         types[t.type.name] = types.get(t.type.name, 0) + 1
     facts = {
         "file": str(path), "bytes": path.stat().st_size, "architecture": arch, "name": field("general.name"),
-        "file_type": FILE_TYPES.get(field("general.file_type"), field("general.file_type")),
+        "file_type": name_of_file_type(field("general.file_type")),
         "tensors": len(header.tensors), "tensor_types": types,
         "parameters": sum(math.prod(t.shape) for t in header.tensors), "check": check,
     }

@@ -10,12 +10,11 @@ from gguf import GGUFValueType
 from ..errors import ModelFilesError
 from ..manifest import MANIFEST, Manifest
 from ..models.registry import FAMILIES, for_gguf
+from ..quant_types import name_of_file_type
 from .gguf_header import read_header
 from .images import PixelRecipe
 
 
-# llama_ftype values → llama.cpp's type names, for files given by path.
-FILE_TYPES = {0: "F32", 1: "F16", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 32: "BF16"}
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ def resolve(folder: str | Path | None = None, *, model: str | Path | None = None
             raise ModelFilesError("give both model= and mmproj= (or a converted folder)")
         model, mmproj = Path(model).expanduser(), Path(mmproj).expanduser()
         ftype = read_fields(model, "language model").get("general.file_type")
-        return ModelFiles(model, mmproj, model.stem, FILE_TYPES.get(ftype, str(ftype)))
+        return ModelFiles(model, mmproj, model.stem, name_of_file_type(ftype))
     if folder is None:
         raise ModelFilesError("no model given: pass a converted folder, or model= and mmproj=")
     folder = Path(folder).expanduser()

@@ -12,7 +12,8 @@ from pathlib import Path
 import llama_cpp
 
 from ..errors import AcestepGGUFError, OptionError
-from ..models.presets import PRESETS, QUANT_RULES, language_tensor_bytes, mmproj_bytes
+from ..models.presets import PRESETS, language_tensor_bytes, mmproj_bytes
+from ..quant_types import TYPES, VISION_TYPES
 from .gguf_header import read_header
 from .model_files import check_file, fields_of
 
@@ -126,9 +127,11 @@ def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
 
 def shape_from_preset(preset: str, quant: str, mmproj_quant: str = "F16") -> ModelShape:
     if preset not in PRESETS:
-        raise AcestepGGUFError(f"--preset {preset}: unknown; choose from {', '.join(PRESETS)}")
-    if quant not in QUANT_RULES:
-        raise AcestepGGUFError(f"--quant {quant}: choose from {', '.join(QUANT_RULES)}")
+        raise OptionError(f"--preset {preset}: unknown; choose from {', '.join(PRESETS)}")
+    if quant not in TYPES:
+        raise OptionError(f"--quant {quant}: choose from {', '.join(TYPES)}")
+    if mmproj_quant not in VISION_TYPES:
+        raise OptionError(f"--mmproj-quant {mmproj_quant}: choose from {', '.join(VISION_TYPES)}")
     p = PRESETS[preset]
     layers, other = language_tensor_bytes(p, quant)
     return ModelShape(layers, other, p["n_head"], p["n_head_kv"], p["head_dim"], p["n_embd"], p["n_ff"], p["n_vocab"],
