@@ -69,7 +69,7 @@ def test_other_architectures_are_refused_by_name(tmp_path, fresh_checkpoint, con
 
 
 @pytest.mark.parametrize("edit,needle", [
-    (lambda c: c["text_config"].update(model_type="llama"), "text_config.model_type"),
+    (lambda c: c["text_config"].update(model_type="gemma"), "text_config.model_type 'gemma'"),
     (lambda c: c.update(vision_feature_select_strategy="full"), "vision_feature_select_strategy"),
     (lambda c: c.update(vision_feature_layer=[-2, -5]), "vision_feature_layer"),
     (lambda c: c["vision_config"].update(hidden_act="relu"), "hidden_act"),

@@ -1,4 +1,4 @@
-"""The lossless language-model GGUF: qwen2 metadata, tokenizer, chat template and tensors."""
+"""The lossless language-model GGUF: the family's metadata, tokenizer, chat template and tensors."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ from .tokenizer import tokenizer_metadata
 def language_file(plan: Plan, ckpt: Checkpoint, name: str) -> tuple[list[MetadataEntry], list[OutTensor], str]:
     """(metadata, tensors, where the chat template came from)."""
     h = plan.hparams
-    template, template_source = choose(ckpt.chat_template, plan.family.CHATML_TEMPLATE)
+    template, template_source = choose(ckpt.chat_template, plan.family.language.builtin_template)
     metadata = [MetadataEntry("general.type", "model", T.STRING), MetadataEntry("general.name", name, T.STRING)]
     metadata += plan.family.language_metadata(h)
-    metadata += tokenizer_metadata(ckpt.tokenizer, ckpt.tokenizer_config, ckpt.config, h["n_vocab"])
+    metadata += tokenizer_metadata(plan.family.language.tokenizer, ckpt.tokenizer, ckpt.tokenizer_config, ckpt.config,
+                                   h["n_vocab"])
     metadata.append(MetadataEntry("tokenizer.chat_template", template, T.STRING))
     tensors = [OutTensor(p.spec.gguf_name, p.source, lossless_type(p.source)) for p in plan.language]
     return metadata, tensors, template_source

@@ -128,7 +128,7 @@ def _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, 
     finally:
         files.close()
 
-    source_info = {**ckpt.source, "architecture": family.ARCHITECTURES[0], "family": family.FAMILY}
+    source_info = {**ckpt.source, "architecture": family.architectures[0], "family": family.name}
     entries = [written.get((r, t)) or kept[(r, t)] for r, t, _ in wanted]
     others = [f for f in (previous.files if previous else []) if (f.role, f.type) not in {(r, t) for r, t, _ in wanted}
               and (folder / f.file).is_file()]
@@ -159,7 +159,7 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, pr
     returns (role, type, partial, final) for publishing."""
     if role == "language":
         metadata, tensors, _ = language_file(plan, ckpt, name)
-        arch, intermediate = "qwen2", partials.path(f"{name}-lossless.gguf")
+        arch, intermediate = plan.family.gguf_arch, partials.path(f"{name}-lossless.gguf")
     else:
         metadata, tensors = vision_file(plan, name)
         arch, intermediate = "clip", partials.path(f"mmproj-{name}-lossless.gguf")

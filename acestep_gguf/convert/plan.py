@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
 
 from ..errors import TensorError
+from ..models.family import Family
 from ..models.spec import TensorSpec
 from .checkpoint import Checkpoint
 from .safetensors_file import NUMPY_VIEW, SourceTensor
@@ -19,7 +19,7 @@ class PlannedTensor:
 
 @dataclass
 class Plan:
-    family: ModuleType
+    family: Family
     hparams: dict
     language: list[PlannedTensor]
     vision: list[PlannedTensor]
@@ -34,7 +34,7 @@ def canonical_name(name: str, replacements) -> str | None:
     return None
 
 
-def make_plan(ckpt: Checkpoint, family: ModuleType) -> Plan:
+def make_plan(ckpt: Checkpoint, family: Family) -> Plan:
     """Match the checkpoint's tensors against the family's tables; any surprise is an error."""
     h = family.hparams(ckpt.config, ckpt.preprocessor)
     expected = {s.source_name: s for s in family.tensors(h)}
@@ -42,14 +42,14 @@ def make_plan(ckpt: Checkpoint, family: ModuleType) -> Plan:
     found: dict[str, PlannedTensor] = {}
     ignored: dict[str, str] = {}
     for name, t in sorted(ckpt.tensors.items()):
-        canonical = canonical_name(name, family.REPLACEMENTS)
+        canonical = canonical_name(name, family.replacements)
         where = f"{t.file.name}: tensor {name!r}"
         if canonical in ignorable:
             ignored[name] = ignorable[canonical]
             continue
         spec = expected.get(canonical)
         if spec is None:
-            raise TensorError(f"{where} is not part of the {family.FAMILY} layout that config.json describes "
+            raise TensorError(f"{where} is not part of the {family.name} layout that config.json describes "
                               "(unknown name, or a layer beyond num_hidden_layers)")
         if canonical in found:
             raise TensorError(f"{where} duplicates {found[canonical].source.name!r} (two name styles in one checkpoint)")

@@ -1,33 +1,51 @@
-"""Which family module describes a checkpoint, decided from config.json alone."""
+"""Which Family describes a checkpoint or a GGUF file. Registering a family is one line here (or a
+call to ``register`` from anywhere, e.g. a test); nothing else in the package names families."""
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from ..errors import UnsupportedArchitectureError
-from . import llava_qwen2
+from . import llava_llama, llava_qwen2
+from .family import Family
+from .fields import Fields
 
-FAMILIES: tuple[ModuleType, ...] = (llava_qwen2,)
+FAMILIES: list[Family] = [llava_qwen2.FAMILY, llava_llama.FAMILY]
 
 
-def detect(config: dict, config_path: str = "config.json") -> ModuleType:
-    """The family module whose ARCHITECTURES and sub-model types match ``config``."""
-    architectures = config.get("architectures") or []
+def register(family: Family) -> None:
+    """Make a family known to the converter, runtime and planner."""
+    if family not in FAMILIES:
+        FAMILIES.append(family)
+
+
+def detect(config: dict, config_path: str = "config.json") -> Family:
+    """The family whose architectures and sub-model types match ``config``."""
     for family in FAMILIES:
-        if any(a in family.ARCHITECTURES for a in architectures):
+        if family.matches(config):
             return family
+    architectures = config.get("architectures") or []
+    if any(a in f.architectures for f in FAMILIES for a in architectures):
+        top = Fields(config, "config.json")  # a text_config that is no object is named as such
+        model_type = top.section("text_config").data.get("model_type")
+        vision_type = top.section("vision_config").data.get("model_type")
+        raise UnsupportedArchitectureError(
+            f"{config_path}: text_config.model_type {model_type!r} with vision_config.model_type {vision_type!r} is "
+            f"not supported; supported language models: {', '.join(t for f in FAMILIES for t in f.language.model_types)}"
+            f" with {', '.join(sorted({t for f in FAMILIES for t in f.vision_model_types}))}")
     what = f"architectures {architectures}" if architectures else (
         f"_class_name {config['_class_name']!r}" if "_class_name" in config else "no 'architectures' field")
-    supported = ", ".join(a for f in FAMILIES for a in f.ARCHITECTURES)
+    supported = "; ".join(f"{f.description}" for f in FAMILIES)
     raise UnsupportedArchitectureError(
-        f"{config_path}: {what}: not a supported vision-language checkpoint; "
-        f"acestep-gguf converts {supported} (Qwen2 + CLIP + MLP projector)"
-    )
+        f"{config_path}: {what}: not a supported vision-language checkpoint; acestep-gguf converts "
+        f"LlavaForConditionalGeneration checkpoints: {supported}")
 
 
-def for_gguf(fields: dict, role: str) -> ModuleType | None:
+def for_gguf(fields: dict, role: str) -> Family | None:
     """The family that reads this GGUF file: by architecture for a language model, by projector
     type for an mmproj (which does not say which language model it belongs to)."""
     if role == "vision":
-        return next((f for f in FAMILIES if f.PROJECTOR_TYPE == fields.get("clip.projector_type")), None)
-    return next((f for f in FAMILIES if f.GGUF_ARCH == fields.get("general.architecture")), None)
+        return next((f for f in FAMILIES if f.projector_type == fields.get("clip.projector_type")), None)
+    return next((f for f in FAMILIES if f.gguf_arch == fields.get("general.architecture")), None)
+
+
+def by_name(name: str) -> Family:
+    return next(f for f in FAMILIES if f.name == name)

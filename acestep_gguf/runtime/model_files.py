@@ -48,10 +48,9 @@ def check_file(fields: dict, path: Path, role: str) -> None:
     family = for_gguf(fields, role)
     if family is None:
         key = "clip.projector_type" if role == "vision" else "general.architecture"
-        known = ", ".join(f.PROJECTOR_TYPE if role == "vision" else f.GGUF_ARCH for f in FAMILIES)
+        known = ", ".join(sorted({f.projector_type if role == "vision" else f.gguf_arch for f in FAMILIES}))
         raise ModelFilesError(f"{path}: {key} {fields.get(key)!r} is not supported (supported: {known})")
-    schema = family.VISION_KEYS if role == "vision" else family.LANGUAGE_KEYS
-    for key, rule in schema.items():
+    for key, rule in family.keys(role).items():
         problem = _key_problem(fields, key, rule)
         if problem:
             raise ModelFilesError(f"{path}: {key} {problem}")

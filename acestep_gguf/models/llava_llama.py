@@ -1,0 +1,32 @@
+"""LLaVA-1.5 and BakLLaVA: ``LlavaForConditionalGeneration`` with a Llama (Vicuna) or Mistral
+language model (no q/k/v biases, a SentencePiece vocabulary with byte fallback), a CLIP ViT-L/14-336
+vision tower and a two-layer GELU MLP projector — llama.cpp's ``llama`` architecture (Mistral 7B is
+a Llama in llama.cpp) plus a ``clip`` mmproj. Checkpoints: llava-hf/llava-1.5-7b-hf,
+llava-hf/llava-1.5-13b-hf, llava-hf/bakLlava-v1-hf."""
+
+from __future__ import annotations
+
+from .family import Family, LanguageModel
+
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), used when the checkpoint has no
+# template that renders the runtime's conversations; images go where they appear, as the media marker.
+LLAVA_1_5_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string else "
+    "message['content'] | map(attribute='text') | join('') }}{{ ' ' }}"
+    "{% else %}{{ message['role'] | upper }}{{ ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% elif part['type'] in ('image', 'image_url', 'input_image') %}{{ '<__media__>\\n' }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ ' ' }}{% endif %}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+LLAMA = LanguageModel(gguf_arch="llama", model_types=("llama", "mistral"), tokenizer="llama", qkv_bias=False,
+                      builtin_template=LLAVA_1_5_TEMPLATE, default_rope_theta=10_000.0)
+
+FAMILY = Family(name="llava_llama", architectures=("LlavaForConditionalGeneration",), language=LLAMA,
+                description="Llama or Mistral + CLIP + MLP projector (LLaVA-1.5, BakLLaVA)")
