@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig,
+                          Qwen2Config)
 
 from acestep_gguf.convert.plan import canonical_name
 from acestep_gguf.convert.tokenizer import QWEN2_SPLIT
@@ -62,6 +63,35 @@ def tiny_config(tokenizer: Tokenizer, *, n_vocab: int = 320, tie: bool = False, 
                        projector_hidden_act="gelu", tie_word_embeddings=tie)
 
 
+# llava-hf/llava-1.5-7b-hf's own chat template: transformers' {% generation %} tag makes it unusable
+# outside transformers, so the converter must fall back to its built-in LLaVA-1.5 template.
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+LLAMA_TOKENIZER_CONFIG = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                          "add_bos_token": True, "add_eos_token": False, "legacy": True,
+                          "tokenizer_class": "LlamaTokenizer", "chat_template": LLAVA_HF_TEMPLATE}
+
+
+def tiny_llama_config(tokenizer: Tokenizer, text: str = "llama", n_vocab: int = 32064) -> LlavaConfig:
+    """LLaVA-1.5 (text='llama') or BakLLaVA (text='mistral') at toy size, with Llama's real vocabulary."""
+    kind = {"llama": LlamaConfig, "mistral": MistralConfig}[text]
+    extra = {"sliding_window": None} if text == "mistral" else {}
+    text_config = kind(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2 if text == "mistral" else 4,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=tokenizer.token_to_id("<pad>"), **extra)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=56, patch_size=14, hidden_act="quick_gelu")
+    return LlavaConfig(text_config=text_config, vision_config=vision, image_token_index=tokenizer.token_to_id("<image>"),
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
+
+
 def build_model(config: LlavaConfig, seed: int = 0) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
@@ -87,7 +117,7 @@ def style_names(state: dict, style: str) -> dict:
 
 def save_checkpoint(model: LlavaForConditionalGeneration, tokenizer: Tokenizer, folder: Path, *, style: str = "saved5",
                     dtype: torch.dtype = torch.float32, shards: int = 1, template: str | None = HF_TEMPLATE,
-                    preprocessor: dict | None = None) -> Path:
+                    preprocessor: dict | None = None, tokenizer_config: dict | None = None) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
@@ -108,9 +138,9 @@ def save_checkpoint(model: LlavaForConditionalGeneration, tokenizer: Tokenizer, 
     model.config.architectures = ["LlavaForConditionalGeneration"]
     model.config.save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))
-    tok_config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
-                  "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}
-    if template is not None:
+    tok_config = tokenizer_config or {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+                                      "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}
+    if template is not None and tokenizer_config is None:
         tok_config["chat_template"] = template
     (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
     size = model.config.vision_config.image_size

@@ -6,16 +6,17 @@
 # The installed version is 0.3.36+acestep.1 (it satisfies ==0.3.36). Pass CMAKE_ARGS for CUDA:
 #   CMAKE_ARGS="-DGGML_CUDA=on" bash tools/build_llama_cpp.sh
 #
-# It also keeps llama.cpp's Qwen2 tokenizer test vectors (models/ggml-vocab-qwen2.gguf + .inp/.out)
+# It also keeps llama.cpp's Qwen2 and Llama (SentencePiece) tokenizer test vectors
+# (models/ggml-vocab-{qwen2,llama-spm}.gguf + .inp/.out)
 # in $ACESTEP_GGUF_TEST_DATA (default ~/.cache/acestep-gguf/test-data): the test suite reads them
 # there and never downloads anything itself.
 set -euo pipefail
 VERSION=0.3.36
 PY=${PYTHON:-python3}
 DATA="${ACESTEP_GGUF_TEST_DATA:-$HOME/.cache/acestep-gguf/test-data}/llama-cpp-python-$VERSION"
-VOCAB=ggml-vocab-qwen2.gguf
+VOCABS="ggml-vocab-qwen2.gguf ggml-vocab-llama-spm.gguf"
 installed() { "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$VERSION+acestep.1' else 1)" 2>/dev/null; }
-have_data() { [ -f "$DATA/$VOCAB" ] && [ -f "$DATA/$VOCAB.inp" ] && [ -f "$DATA/$VOCAB.out" ]; }
+have_data() { for v in $VOCABS; do for s in "" .inp .out; do [ -f "$DATA/$v$s" ] || return 1; done; done; }
 if installed && [ -z "${FORCE:-}" ] && have_data; then
   echo "llama-cpp-python $VERSION+acestep.1 is already installed (FORCE=1 rebuilds it)"
   exit 0
@@ -27,7 +28,7 @@ trap 'rm -rf "$work"' EXIT
 tar -xzf "$work"/llama_cpp_python-$VERSION.tar.gz -C "$work"
 src="$work/llama_cpp_python-$VERSION"
 mkdir -p "$DATA"
-for suffix in "" .inp .out; do cp "$src/vendor/llama.cpp/models/$VOCAB$suffix" "$DATA/"; done
+for v in $VOCABS; do for suffix in "" .inp .out; do cp "$src/vendor/llama.cpp/models/$v$suffix" "$DATA/"; done; done
 if installed && [ -z "${FORCE:-}" ]; then
   echo "llama-cpp-python $VERSION+acestep.1 is already installed; tokenizer test data kept in $DATA"
   exit 0

@@ -26,6 +26,14 @@ class OutTensor:
     gguf_name: str
     source: SourceTensor
     out_type: Q
+    rope_heads: int = 0  # >0: un-permute rows per head (see models/family.py LanguageModel.rope_permute)
+
+
+def unpermute_rope(rows: np.ndarray, n_heads: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Hugging Face's rotate_half row order → llama.cpp's adjacent pairs, per head; the same
+    reshape as llama.cpp's convert_hf_to_gguf.py LlamaModel.permute."""
+    w = rows.reshape(shape)
+    return w.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(-1)
 
 
 def lossless_type(source: SourceTensor) -> Q:
@@ -76,11 +84,18 @@ def write_gguf(path: Path, arch: str, metadata: Sequence[MetadataEntry], tensors
         scratch = np.empty(reader.chunk_bytes // 4, dtype=np.uint32)  # the size of the largest chunk
         for t in tensors:
             writer.write_padding(fout, fout.tell())
+            held = []  # a permuted tensor is reordered whole (one projection matrix: bounded by the largest tensor)
             for chunk in reader.chunks(t.source):
                 if not _finite(chunk, t.source.dtype, scratch):
                     raise TensorError(f"{t.source.file.name}: tensor {t.source.name!r} contains NaN or Inf values")
-                fout.write(_convert(chunk, t.source.dtype, t.out_type).data)
+                if t.rope_heads:
+                    held.append(chunk.copy())
+                else:
+                    fout.write(_convert(chunk, t.source.dtype, t.out_type).data)
                 advance(chunk.nbytes)
+            if t.rope_heads:
+                rows = unpermute_rope(np.concatenate(held), t.rope_heads, t.source.shape)
+                fout.write(_convert(np.ascontiguousarray(rows), t.source.dtype, t.out_type).data)
             writer.write_padding(fout, fout.tell())
     finally:
         writer.close()

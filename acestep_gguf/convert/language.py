@@ -21,5 +21,5 @@ def language_file(plan: Plan, ckpt: Checkpoint, name: str) -> tuple[list[Metadat
     metadata += tokenizer_metadata(plan.family.language.tokenizer, ckpt.tokenizer, ckpt.tokenizer_config, ckpt.config,
                                    h["n_vocab"])
     metadata.append(MetadataEntry("tokenizer.chat_template", template, T.STRING))
-    tensors = [OutTensor(p.spec.gguf_name, p.source, lossless_type(p.source)) for p in plan.language]
+    tensors = [OutTensor(p.spec.gguf_name, p.source, lossless_type(p.source), p.spec.rope_heads) for p in plan.language]
     return metadata, tensors, template_source

@@ -9,7 +9,7 @@ GGUF tensor names and metadata keys come from gguf-py's constants."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gguf import MODEL_TENSOR as MT
 from gguf import TENSOR_NAMES
@@ -161,6 +161,10 @@ class LanguageModel:
     qkv_bias: bool  # q/k/v projections carry biases
     builtin_template: str  # used when the checkpoint's own cannot render the runtime's conversations
     default_rope_theta: float
+    # llama.cpp's `llama` architecture rotates adjacent pairs (GPT-J style) where transformers rotates
+    # halves: the q/k projections are stored permuted and must be un-permuted (as llama.cpp's
+    # convert_hf_to_gguf.py LlamaModel.permute does). Qwen2 uses NEOX rope in llama.cpp: no permutation.
+    rope_permute: bool = False
 
 
 @dataclass(frozen=True)
@@ -218,7 +222,12 @@ class Family:
             return expand(VISION, h, "vision") + expand(VISION_BLOCK, h, "vision", h["v_feature_layer"])
         block = DECODER_BLOCK + (QKV_BIASES if self.language.qkv_bias else ())
         specs = expand(LANGUAGE, h, "language") + expand(block, h, "language", h["n_layer"])
-        return specs + ([] if h["tie_word_embeddings"] else expand(LANGUAGE_HEAD, h, "language"))
+        specs += [] if h["tie_word_embeddings"] else expand(LANGUAGE_HEAD, h, "language")
+        if not self.language.rope_permute:
+            return specs
+        heads = {tn(kind, ".weight").format(bid=i): n for i in range(h["n_layer"])
+                 for kind, n in ((MT.ATTN_Q, h["n_head"]), (MT.ATTN_K, h["n_head_kv"]))}
+        return [replace(s, rope_heads=heads.get(s.gguf_name, 0)) for s in specs]
 
     def ignored(self, h: dict) -> list[Ignored]:
         """Source tensors that exist in real checkpoints but are deliberately not converted."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from .family import Family, LanguageModel
 
-# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), used when the checkpoint has no
-# template that renders the runtime's conversations; images go where they appear, as the media marker.
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ...</s>USER: ..."), used when the
+# checkpoint has no template that renders the runtime's conversations. The runtime passes each image
+# as a text part holding the media marker; LLaVA-1.5 was trained with a newline after the image.
 LLAVA_1_5_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string else "
@@ -17,7 +18,7 @@ LLAVA_1_5_TEMPLATE = (
     "{% else %}{{ message['role'] | upper }}{{ ': ' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% if part['text'] == '<__media__>' %}{{ '\\n' }}{% endif %}"
     "{% elif part['type'] in ('image', 'image_url', 'input_image') %}{{ '<__media__>\\n' }}"
     "{% endif %}{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ ' ' }}{% endif %}"
@@ -26,7 +27,7 @@ LLAVA_1_5_TEMPLATE = (
 )
 
 LLAMA = LanguageModel(gguf_arch="llama", model_types=("llama", "mistral"), tokenizer="llama", qkv_bias=False,
-                      builtin_template=LLAVA_1_5_TEMPLATE, default_rope_theta=10_000.0)
+                      builtin_template=LLAVA_1_5_TEMPLATE, default_rope_theta=10_000.0, rope_permute=True)
 
 FAMILY = Family(name="llava_llama", architectures=("LlavaForConditionalGeneration",), language=LLAMA,
                 description="Llama or Mistral + CLIP + MLP projector (LLaVA-1.5, BakLLaVA)")

@@ -16,6 +16,7 @@ class TensorSpec:
     gguf_name: str
     shape: tuple[int, ...]  # PyTorch / safetensors order
     role: str  # "language" or "vision"
+    rope_heads: int = 0  # >0: rows reordered per head from Hugging Face's rotate_half to llama.cpp's pairs
 
 
 @dataclass(frozen=True)

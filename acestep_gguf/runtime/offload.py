@@ -15,6 +15,7 @@ from ..errors import AcestepGGUFError, OptionError
 from ..models.presets import PRESETS, language_tensor_bytes, mmproj_bytes
 from ..quant_types import TYPES, VISION_TYPES
 from .gguf_header import read_header
+from ..models.registry import by_name, for_gguf
 from .model_files import check_file, fields_of
 
 MIB = 1 << 20
@@ -115,8 +116,9 @@ def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
         mp = read_header(mmproj, "mmproj")
         g = mp.fields
         check_file(fields_of(mp), Path(mmproj), "vision")
+        family = for_gguf(g, "vision")
         size, patch = int(g["clip.vision.image_size"]), int(g["clip.vision.patch_size"])
-        v = {"bytes": sum(t.n_bytes for t in mp.tensors), "n_pos": (size // patch) ** 2 + 1,
+        v = {"bytes": sum(t.n_bytes for t in mp.tensors), "n_pos": family.n_vision_positions(size, patch),
              "embd": int(g["clip.vision.embedding_length"]), "ff": int(g["clip.vision.feed_forward_length"]),
              "head": int(g["clip.vision.attention.head_count"])}
     return ModelShape(layers, other, n_head, int(f.get(f"{arch}.attention.head_count_kv", n_head)),
@@ -135,7 +137,8 @@ def shape_from_preset(preset: str, quant: str, mmproj_quant: str = "F16") -> Mod
     p = PRESETS[preset]
     layers, other = language_tensor_bytes(p, quant)
     return ModelShape(layers, other, p["n_head"], p["n_head_kv"], p["head_dim"], p["n_embd"], p["n_ff"], p["n_vocab"],
-                      mmproj_bytes(p, mmproj_quant), (p["v_image"] // p["v_patch"]) ** 2 + 1, p["v_embd"], p["v_ff"],
+                      mmproj_bytes(p, mmproj_quant), by_name(p["family"]).n_vision_positions(p["v_image"], p["v_patch"]),
+                      p["v_embd"], p["v_ff"],
                       p["v_head"])
 
 
