@@ -131,3 +131,12 @@ def test_no_bf16_tensor_reaches_the_mmproj(tmp_path, fresh_checkpoint):
     types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "o" / "mmproj-m-F16.gguf").tensors}
     assert Q.BF16 not in types.values(), {n: t.name for n, t in types.items() if t == Q.BF16}
     assert types["v.position_embd.weight"] in (Q.F16, Q.F32) and types["v.blk.0.attn_q.weight"] == Q.F16
+
+
+def test_size_labels_as_llama_cpp_writes_them(converted, tiny_model):
+    from gguf.utility import size_label
+    n_vision = sum(p.numel() for n, p in tiny_model.named_parameters()  # the last CLIP layer is never run: not written
+                   if ("vision" in n or "projector" in n) and "encoder.layers.2." not in n and "post_layernorm" not in n)
+    n_language = sum(p.numel() for n, p in tiny_model.named_parameters() if "language_model" in n or n.startswith("lm_head"))
+    assert fields(converted / "tiny-llava-F16.gguf")["general.size_label"] == size_label(n_language, 0, 0, 0) == "115K"
+    assert fields(converted / "mmproj-tiny-llava-F16.gguf")["general.size_label"] == size_label(n_vision, 0, 0, 0)

@@ -24,6 +24,7 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 TEXT_BOUND = 0.01  # the bound; measured 1.5e-4 (docs/parity.md)
 IMAGE_BOUND = 0.005  # measured 1.1e-4: F16 weights + tanh-GELU; 40x headroom for BLAS/thread order
 FEATURE_BOUND = 1e-3  # relative to the largest feature; measured 1.1e-4
+Q8_0_BOUND = 0.02  # Q8_0 weights, text or image; measured up to 5.6e-3 (docs/parity.md)
 
 
 def pixel_values(image) -> torch.Tensor:
@@ -123,3 +124,14 @@ def test_pixel_preparation_matches_clip_image_processor(images):
     for image in (images["noise"], images["flat"], Image.new("RGB", (300, 90), (10, 200, 30))):
         reference = processor(images=image, return_tensors="np")["pixel_values"][0]
         np.testing.assert_allclose(pixel_values(image)[0].numpy(), reference, atol=1e-5)
+
+
+@needs_patched_build
+def test_q8_0_logprobs_match_transformers(converted, tiny_model, tokenizer, images):
+    with VisionChat.load(converted, quant="Q8_0", n_gpu_layers=0) as q8:
+        for picture in (None, images["noise"]):
+            q8.reset()
+            reference = hf_logprobs(tiny_model, tokenizer, picture)
+            got = q8.next_token_logprobs(QUESTION, images=[picture] if picture is not None else [])
+            assert got[:len(reference)].argmax() == reference.argmax()
+            assert top10_gap(reference, got) < Q8_0_BOUND

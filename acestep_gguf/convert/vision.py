@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as T
+from gguf.utility import size_label
 
 from ..models.spec import MetadataEntry
 from .gguf_stream import OutTensor, lossless_type
@@ -22,7 +23,9 @@ def _vision_type(gguf_name: str, source) -> Q:
 
 
 def vision_file(plan: Plan, name: str) -> tuple[list[MetadataEntry], list[OutTensor]]:
-    metadata = [MetadataEntry("general.type", "mmproj", T.STRING), MetadataEntry("general.name", f"mmproj-{name}", T.STRING)]
+    metadata = [MetadataEntry("general.type", "mmproj", T.STRING), MetadataEntry("general.name", f"mmproj-{name}", T.STRING),
+                MetadataEntry("general.size_label", size_label(sum(p.source.n_elements for p in plan.vision), 0, 0, 0),
+                              T.STRING)]
     metadata += plan.family.vision_metadata(plan.hparams)
     tensors = [OutTensor(p.spec.gguf_name, p.source, _vision_type(p.spec.gguf_name, p.source)) for p in plan.vision]
     return metadata, tensors
