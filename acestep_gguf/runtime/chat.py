@@ -19,13 +19,10 @@ Lifecycle, for host applications that embed it:
 
 from __future__ import annotations
 
-import codecs
-import ctypes
 import threading
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,29 +31,19 @@ import llama_cpp.mtmd_cpp as mtmd
 import numpy as np
 
 from .. import interrupts, llama_log
-from ..errors import BusyError, CancelledError, ContextFullError, ModelFilesError, OptionError
+from ..errors import BusyError, CancelledError, ModelFilesError, OptionError
 from ..models.fields import MAX_POSITIONS
 from ..system import default_threads
-from ..templates import MEDIA_MARKER, PROBES, TemplateFailed, compile_template, probe, render
-from .generation import SamplingOptions, TurnStats, release
+from ..templates import PROBES, TemplateFailed, compile_template, probe
+from .generation import SamplingOptions, TurnStats, generate
 from .images import PreparedImage, prepare
+from .kv_session import Cancelled, KVSession
 from .model_files import ModelFiles, check_pair, pixel_recipe, read_fields, resolve
+from .prompt import render_prompt
 from .offload import N_UBATCH, plan_offload
 
 PATCHED_BUILD = "+acestep.1"
 PROMPT_ROOM = 32  # positions beyond one image that the smallest useful context must hold
-
-
-@dataclass
-class _Cached:
-    """One span of the KV cache: a text token or a whole image."""
-
-    key: tuple  # ("t", token) or ("i", digest)
-    n_pos: int
-
-
-class _Cancelled(Exception):
-    """Raised inside a call when cancel() interrupts llama.cpp; never leaves VisionChat."""
 
 
 class _Contexts:
@@ -87,20 +74,17 @@ class VisionChat:
         self.exact_vision = llama_cpp.__version__.endswith(PATCHED_BUILD)
         self._contexts = contexts
         self._finalizer = weakref.finalize(self, contexts.free)
-        self._llm, self._mctx, self._recipe = contexts.llm, contexts.mctx, recipe
-        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        self._template = compile_template(self._llm.metadata["tokenizer.chat_template"])
+        self._recipe = recipe
+        self._template = compile_template(contexts.llm.metadata["tokenizer.chat_template"])
         self._system, self._seed = system, seed
         self._messages: list[dict] = []
-        self._cache: list[_Cached] = []
-        self._n_past = 0
-        self._piece_buf = ctypes.create_string_buffer(256)
         self._lock = threading.Lock()  # the session: held by a turn from stream() to its end, or by one call
         self._active = None  # weakref to the running _Turn: a dropped stream must still be collected
         self._closed = False
         cancel = self._cancel = threading.Event()
         self._abort_cb = llama_cpp.ggml_abort_callback(lambda _: cancel.is_set())  # no reference to self
-        llama_cpp.llama_set_abort_callback(self._llm.ctx, self._abort_cb, None)
+        llama_cpp.llama_set_abort_callback(contexts.llm.ctx, self._abort_cb, None)
+        self._kv = KVSession(contexts.llm, contexts.mctx, cancel)
         self.last_turn = TurnStats()
         self.images_encoded_total = 0
         self._clear()
@@ -149,8 +133,8 @@ class VisionChat:
             turn.close()  # waits for a step in progress (cancelled, so short), then ends the turn
         with self._lock:
             self._closed = True
+            self._kv = None
             self._finalizer()
-            self._llm = self._mctx = None
 
     def __enter__(self) -> "VisionChat":
         return self
@@ -162,7 +146,7 @@ class VisionChat:
     @property
     def n_ctx(self) -> int:
         self._require_open()
-        return self._llm.n_ctx()
+        return self._kv.n_ctx
 
     @property
     def messages(self) -> list[dict]:
@@ -211,32 +195,14 @@ class VisionChat:
         with self._session(), interrupts.deferred(self.cancel), self._cancellable():
             self.last_turn = TurnStats()
             self._prefill(self._messages + [message], self.last_turn)
-            n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm.ctx, -1), shape=(n_vocab,))
-            shifted = logits.astype(np.float64) - logits.max()
-            return shifted - np.log(np.exp(shifted).sum())
+            return self._kv.last_logprobs()
 
     def encode_image(self, image) -> np.ndarray:
         """The image's projected tokens as the language model receives them (n_tokens x n_embd,
         float32); the conversation is untouched. For parity checks and embedding uses."""
         prepared = prepare(image, self._recipe)
         with self._session(), interrupts.deferred(self.cancel), self._cancellable():
-            chunks = self._tokenize(MEDIA_MARKER, [prepared], add_special=False)
-            try:
-                for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-                    chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-                    if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                        if mtmd.mtmd_encode_chunk(self._mctx, chunk) != 0:
-                            raise ModelFilesError(f"llama.cpp failed to encode the image ({llama_log.recent()})")
-                        if self._cancel.is_set():
-                            raise _Cancelled()
-                        n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-                        width = llama_cpp.llama_model_n_embd(self._llm.model)
-                        embd = ctypes.cast(mtmd.mtmd_get_output_embd(self._mctx), ctypes.POINTER(ctypes.c_float))
-                        return np.ctypeslib.as_array(embd, shape=(n * width,)).reshape(n, width).copy()
-            finally:
-                mtmd.mtmd_input_chunks_free(chunks)
-        raise ModelFilesError("mtmd produced no image chunk for the image")
+            return self._kv.encode_image(prepared)
 
     # -- the session lock ------------------------------------------------------------------------
     def _require_open(self) -> None:
@@ -269,16 +235,14 @@ class VisionChat:
     def _cancellable(self):
         try:
             yield
-        except _Cancelled:
+        except Cancelled:
             raise CancelledError("cancelled") from None
 
     def _clear(self) -> None:
         self._messages = []
         if self._system:
             self._messages.append({"role": "system", "content": [{"type": "text", "text": self._system}]})
-        self._cache = []
-        self._n_past = 0  # positions held by the KV cache: the sum of self._cache's n_pos
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llm.ctx), True)
+        self._kv.clear()
 
     # -- one turn --------------------------------------------------------------------------------
     def _turn(self, message: dict, options: SamplingOptions, stats: TurnStats) -> Iterator[str]:
@@ -287,256 +251,25 @@ class VisionChat:
             started = time.perf_counter()
             try:
                 self._prefill(self._messages + [message], stats)
-            except _Cancelled:
+            except Cancelled:
                 stats.finish_reason = "cancelled"  # the message is not added: the conversation is unchanged
                 return
             self._messages.append(message)
-            reply = {"role": "assistant", "content": [{"type": "text", "text": ""}]}
+            reply = {"role": "assistant", "content": [{"type": "text", "text": ""}], "tokens": []}
             self._messages.append(reply)
-            for piece in self._generate(options, stats, started, reply):
+            for piece in generate(self._kv, options, stats, started, reply["tokens"]):
                 reply["content"][0]["text"] += piece
                 yield piece
-
-    def _render(self, messages: list[dict], splice: bool = True) -> list:
-        """The prompt as pieces: ("text", str, images) or ("tokens", ids). Earlier replies are spliced
-        back as the very tokens that were generated, so their KV entries are reused as they are."""
-        images, replies, rendered = [], [], []
-        for m in messages:
-            content = []
-            for part in m["content"]:
-                if part["type"] == "image":
-                    images.append(part["image"])
-                    content.append({"type": "text", "text": MEDIA_MARKER})
-                else:
-                    content.append(part)
-            if splice and m["role"] == "assistant" and m.get("tokens") is not None:
-                mark = f"\x00reply{len(replies)}\x00"
-                replies.append((mark, m["tokens"]))
-                content = [{"type": "text", "text": mark}]
-            rendered.append({"role": m["role"], "content": content})
-        try:
-            text = render(self._template, messages=rendered, add_generation_prompt=True,
-                          bos_token=self._special_text(llama_cpp.llama_vocab_bos(self._vocab)),
-                          eos_token=self._special_text(llama_cpp.llama_vocab_eos(self._vocab)))
-        except TemplateFailed as e:
-            raise ModelFilesError(f"{self.model_path.name}: the chat template failed on this conversation ({e})") from None
-        pieces, rest, queue = [], text, list(images)
-        for mark, tokens in replies:
-            before, found, rest = rest.partition(mark)
-            if not found:  # the template rewrote replies: fall back to plain re-tokenisation
-                return self._render(messages, splice=False)
-            pieces += [self._text_piece(before, queue), ("tokens", tokens)]
-        return pieces + [self._text_piece(rest, queue)]
-
-    @staticmethod
-    def _text_piece(text: str, queue: list) -> tuple:
-        n = text.count(MEDIA_MARKER)
-        taken, queue[:n] = queue[:n], []
-        return ("text", text, taken)
+            if stats.stop_string_hit:
+                reply["tokens"] = None  # cut text no longer matches its tokens: re-tokenise it next turn
 
     def _prefill(self, messages: list[dict], stats: TurnStats) -> None:
-        chunk_lists = []
-        try:
-            wanted: list[_Cached] = []
-            sources: list = []  # per span: None (a text token) or the mtmd image chunk to evaluate
-            for piece in self._render(messages):
-                if piece[0] == "tokens":
-                    wanted += [_Cached(("t", t), 1) for t in piece[1]]
-                    sources += [None] * len(piece[1])
-                elif piece[1]:
-                    chunks = self._tokenize(piece[1], piece[2], add_special=not chunk_lists)
-                    chunk_lists.append(chunks)
-                    self._spans(chunks, piece[2], wanted, sources)
-            if not wanted:
-                raise ModelFilesError(f"{self.model_path.name}: the chat template rendered an empty prompt")
-            need = sum(s.n_pos for s in wanted)
-            n_images = sum(1 for s in wanted if s.key[0] == "i")
-            if need + 1 > self.n_ctx:
-                raise ContextFullError(
-                    f"the conversation needs {need} positions but the context holds {self.n_ctx} "
-                    f"({n_images} image(s)); call reset() or load with a larger n_ctx")
-            keep = self._common_prefix(wanted)
-            self._truncate(keep)
-            stats.reused_positions, stats.prompt_positions = self._n_past, need
-            if self._cancel.is_set():
-                raise _Cancelled()
-            self._eval(wanted[keep:], sources[keep:], stats)
-        finally:
-            for chunks in chunk_lists:
-                mtmd.mtmd_input_chunks_free(chunks)
-
-    def _tokenize(self, text: str, images: list[PreparedImage], add_special: bool):
-        bitmaps = [mtmd.mtmd_bitmap_init(img.size, img.size, (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb))
-                   for img in images]
-        chunks = mtmd.mtmd_input_chunks_init()
-        try:
-            for bitmap, img in zip(bitmaps, images):
-                mtmd.mtmd_bitmap_set_id(bitmap, img.digest.encode())
-            data = text.encode("utf-8")
-            inp = mtmd.mtmd_input_text(text=data, text_len=len(data), add_special=add_special, parse_special=True)
-            array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            status = mtmd.mtmd_tokenize(self._mctx, chunks, ctypes.byref(inp), array, len(bitmaps))
-        finally:
-            for bitmap in bitmaps:
-                mtmd.mtmd_bitmap_free(bitmap)
-        if status != 0:
-            mtmd.mtmd_input_chunks_free(chunks)
-            raise ModelFilesError(f"mtmd could not tokenize the prompt (status {status}: the chat template placed "
-                                  f"{text.count(MEDIA_MARKER)} image markers for {len(images)} images)")
-        return chunks
-
-    @staticmethod
-    def _spans(chunks, images, wanted: list, sources: list) -> None:
-        image_iter = iter(images)
-        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
-            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                n = ctypes.c_size_t()
-                tokens = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                wanted += [_Cached(("t", tokens[j]), 1) for j in range(n.value)]
-                sources += [None] * n.value
-            else:
-                wanted.append(_Cached(("i", next(image_iter).digest), mtmd.mtmd_input_chunk_get_n_pos(chunk)))
-                sources.append(chunk)
-
-    def _common_prefix(self, wanted: list[_Cached]) -> int:
-        n = 0
-        for have, want in zip(self._cache, wanted):
-            if have.key != want.key:
-                break
-            n += 1
-        return min(n, len(wanted) - 1)  # evaluate at least the last token to get fresh logits
-
-    def _eval(self, spans: list[_Cached], sources: list, stats: TurnStats) -> None:
-        """Evaluate text tokens in batches and images through mtmd's encoder, in prompt order."""
-        pending: list[_Cached] = []
-        for span, chunk in zip(spans, sources):
-            if chunk is None:
-                pending.append(span)
-                continue
-            self._decode_text(pending, stats)
-            pending = []
-            self._decode_image(chunk, span, stats)
-        self._decode_text(pending, stats)
-
-    def _truncate(self, keep: int) -> None:
-        self._n_past = sum(s.n_pos for s in self._cache[:keep])
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._llm.ctx), 0, self._n_past, -1)
-        del self._cache[keep:]
-
-    def _decode_text(self, spans: list[_Cached], stats: TurnStats) -> None:
-        batch = self._llm.n_batch
-        for start in range(0, len(spans), batch):
-            part = spans[start:start + batch]
-            tokens = (llama_cpp.llama_token * len(part))(*[s.key[1] for s in part])
-            self._check_decode(llama_cpp.llama_decode(self._llm.ctx, llama_cpp.llama_batch_get_one(tokens, len(part))))
-            self._cache += part
-            self._n_past += len(part)
-            stats.evaluated_positions += len(part)
-
-    def _decode_image(self, chunk, span: _Cached, stats: TurnStats) -> None:
-        if self._cancel.is_set():
-            raise _Cancelled()
-        new_n_past = llama_cpp.llama_pos(0)
-        status = mtmd.mtmd_helper_eval_chunk_single(self._mctx, self._llm.ctx, chunk, self._n_past, 0,
-                                                    self._llm.n_batch, False, ctypes.byref(new_n_past))
-        if self._cancel.is_set():
-            self._truncate(len(self._cache))
-            raise _Cancelled()
-        if status != 0:
-            self._truncate(len(self._cache))
-            raise ModelFilesError(f"llama.cpp failed to encode an image (status {status}: {llama_log.recent()})")
-        self._cache.append(span)
-        self._n_past += span.n_pos
-        stats.evaluated_positions += span.n_pos
-        stats.images_encoded += 1
-        self.images_encoded_total += 1
-
-    def _check_decode(self, status: int) -> None:
-        if status == 0:
-            return
-        self._truncate(len(self._cache))  # drop whatever part of the batch did land
-        if status == 2 or self._cancel.is_set():
-            raise _Cancelled()
-        if status == 1:
-            raise ContextFullError(f"no room left in the {self.n_ctx}-token context; call reset() or use a larger n_ctx")
-        raise ModelFilesError(f"llama_decode failed with status {status} ({llama_log.recent()})")
-
-    # -- generation --------------------------------------------------------------------------------
-    def _sampler(self, o: SamplingOptions):
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if o.temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(o.top_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(o.temperature))
-            seed = llama_cpp.LLAMA_DEFAULT_SEED if o.seed is None else o.seed
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
-        return chain
-
-    def _piece(self, token: int, special: bool = False) -> bytes:
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece_buf, 256, 0, special)
-        return self._piece_buf.raw[:max(n, 0)]
-
-    def _special_text(self, token: int) -> str:
-        """A control token's own text (<|im_end|>), as templates expect for eos_token / bos_token."""
-        return self._piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
-
-    def _generate(self, o: SamplingOptions, stats: TurnStats, started: float, reply: dict) -> Iterator[str]:
-        sampler = self._sampler(o)
-        decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python does
-        text, sent, stop_hit = "", 0, False
-        t_first = None
-        generated: list[int] = []
-        stats_sink = TurnStats()  # generated tokens are not prompt evaluation
-        reply["tokens"] = generated  # spliced into the next turn's prompt: its KV entries are reused
-        try:
-            while True:
-                if self._cancel.is_set():
-                    stats.finish_reason = "cancelled"
-                    break
-                if stats.completion_tokens >= o.max_tokens:
-                    stats.finish_reason = "length"
-                    break
-                token = llama_cpp.llama_sampler_sample(sampler, self._llm.ctx, -1)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                    stats.time_to_first_token_s = t_first - started
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    stats.finish_reason = "stop"
-                    break
-                stats.completion_tokens += 1
-                generated.append(token)
-                text += decoder.decode(self._piece(token))
-                out, stop_hit = release(text, sent, o.stop)
-                if out:
-                    sent += len(out)
-                    yield out
-                if stop_hit:  # the kept text no longer matches the tokens: re-tokenise it next turn
-                    stats.finish_reason = "stop"
-                    reply["tokens"] = None
-                    break
-                if self._n_past + 1 >= self.n_ctx:
-                    stats.finish_reason = "context"
-                    break
-                try:
-                    self._decode_text([_Cached(("t", token), 1)], stats_sink)
-                except _Cancelled:
-                    stats.finish_reason = "cancelled"
-                    break
-            text += decoder.decode(b"", final=True)
-            if not stop_hit and text[sent:]:
-                yield text[sent:]  # a held-back partial stop string that never completed
-        except GeneratorExit:
-            stats.finish_reason = stats.finish_reason or "cancelled"  # closed by the caller before the end
-            raise
-        except Exception:
-            stats.finish_reason = "error"
-            raise
-        finally:
-            llama_cpp.llama_sampler_free(sampler)
-            if t_first is not None:
-                stats.decode_s = time.perf_counter() - t_first
+        kv = self._kv
+        pieces = render_prompt(self._template, messages, kv.special_text(llama_cpp.llama_vocab_bos(kv.vocab)),
+                               kv.special_text(llama_cpp.llama_vocab_eos(kv.vocab)))
+        before = stats.images_encoded
+        kv.prefill(pieces, stats)
+        self.images_encoded_total += stats.images_encoded - before
 
 
 class _Turn:

@@ -1,9 +1,12 @@
-"""Generation's plain data: sampling options, what a turn cost, and the stop-string release rule."""
+"""Generation: sampling options, what a turn cost, the stop-string release rule (pure), and the
+sampling loop over a KV session."""
 
 from __future__ import annotations
 
+import codecs
+import time
 from dataclasses import dataclass, fields
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..errors import OptionError
 
@@ -18,6 +21,7 @@ class TurnStats:
     images_encoded: int = 0
     completion_tokens: int = 0
     finish_reason: str = ""  # stop, length, context, cancelled
+    stop_string_hit: bool = False  # the reply was cut at a stop string (its text no longer matches its tokens)
     time_to_first_token_s: float = 0.0
     decode_s: float = 0.0
 
@@ -61,10 +65,9 @@ class SamplingOptions:
 
 def release(text: str, sent: int, stops: Sequence[str]) -> tuple[str, bool]:
     """The text safe to yield now: up to a stop string if one appeared, else all but a possible stop prefix."""
-    for stop in stops:
-        at = text.find(stop, max(0, sent - len(stop)))
-        if at >= 0:
-            return text[sent:at], True
+    found = [at for stop in stops if (at := text.find(stop, max(0, sent - len(stop)))) >= 0]
+    if found:  # the earliest stop string wins, whatever order they were given in
+        return text[sent:max(sent, min(found))], True
     hold = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), 0, -1):
@@ -72,3 +75,75 @@ def release(text: str, sent: int, stops: Sequence[str]) -> tuple[str, bool]:
                 hold = max(hold, k)
                 break
     return text[sent:len(text) - hold], False
+
+
+def make_sampler(o: SamplingOptions):
+    """llama.cpp's sampler chain for these options: greedy at temperature 0, else top-p, temperature, seed."""
+    import llama_cpp
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if o.temperature <= 0:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    else:
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(o.top_p, 1))
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(o.temperature))
+        seed = llama_cpp.LLAMA_DEFAULT_SEED if o.seed is None else o.seed
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+    return chain
+
+
+def generate(kv, o: SamplingOptions, stats: TurnStats, started: float, generated: list[int]) -> Iterator[str]:
+    """Sample after the prompt the KV session holds, yielding text as soon as it is safe to show (no
+    half UTF-8 character, no possible start of a stop string). Every sampled token is appended to
+    ``generated``; ``stats.finish_reason`` says why it ended (stop, length, context, cancelled)."""
+    import llama_cpp
+
+    from .kv_session import Cancelled
+    sampler = make_sampler(o)
+    decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python does
+    text, sent, stop_hit, t_first = "", 0, False, None
+    try:
+        while True:
+            if kv.cancel.is_set():
+                stats.finish_reason = "cancelled"
+                break
+            if stats.completion_tokens >= o.max_tokens:
+                stats.finish_reason = "length"
+                break
+            token = llama_cpp.llama_sampler_sample(sampler, kv.llm.ctx, -1)
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.time_to_first_token_s = t_first - started
+            if llama_cpp.llama_vocab_is_eog(kv.vocab, token):
+                stats.finish_reason = "stop"
+                break
+            stats.completion_tokens += 1
+            generated.append(token)
+            text += decoder.decode(kv.piece(token))
+            out, stop_hit = release(text, sent, o.stop)
+            if out:
+                sent += len(out)
+                yield out
+            if stop_hit:
+                stats.finish_reason, stats.stop_string_hit = "stop", True
+                break
+            if kv.n_past + 1 >= kv.n_ctx:
+                stats.finish_reason = "context"
+                break
+            try:
+                kv.decode_token(token)
+            except Cancelled:
+                stats.finish_reason = "cancelled"
+                break
+        text += decoder.decode(b"", final=True)
+        if not stop_hit and text[sent:]:
+            yield text[sent:]  # a held-back partial stop string that never completed
+    except GeneratorExit:
+        stats.finish_reason = stats.finish_reason or "cancelled"  # closed by the caller before the end
+        raise
+    except Exception:
+        stats.finish_reason = "error"
+        raise
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+        if t_first is not None:
+            stats.decode_s = time.perf_counter() - t_first

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from ..errors import AcestepGGUFError, OptionError
+from ..errors import OptionError
 from ..models.presets import PRESETS, language_tensor_bytes, mmproj_bytes
 from ..quant_types import TYPES, VISION_TYPES
 from .gguf_header import read_header

@@ -1,0 +1,220 @@
+"""What the KV cache holds, and evaluating a prompt into it.
+
+The cache is a list of spans — a text token by id, or a whole image by the digest of its pixels —
+so a new prompt is compared with it span by span and only what differs is evaluated: an earlier
+image is never encoded again. VisionChat is a conversation on top of this; a server or a batch
+worker can drive it directly. Not thread-safe: the owner serialises calls."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from dataclasses import dataclass
+
+import llama_cpp
+import llama_cpp.mtmd_cpp as mtmd
+import numpy as np
+
+from .. import llama_log
+from ..errors import ContextFullError, ModelFilesError
+from ..templates import MEDIA_MARKER
+from .generation import TurnStats
+from .images import PreparedImage
+
+
+class Cancelled(Exception):
+    """The cancel event stopped llama.cpp mid-call; the owner turns it into a finish reason."""
+
+
+@dataclass
+class Span:
+    """One span of the KV cache: a text token or a whole image."""
+
+    key: tuple  # ("t", token) or ("i", digest)
+    n_pos: int
+
+
+class KVSession:
+    def __init__(self, llm: llama_cpp.Llama, mctx, cancel: threading.Event):
+        self.llm, self.mctx, self.cancel = llm, mctx, cancel
+        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.cache: list[Span] = []
+        self.n_past = 0  # positions held by the KV cache: the sum of the cache's n_pos
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx()
+
+    def clear(self) -> None:
+        self.cache, self.n_past = [], 0
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+
+    # -- prompt -----------------------------------------------------------------------------------
+    def prefill(self, pieces: list, stats: TurnStats) -> None:
+        """Make the cache hold exactly the prompt ``pieces`` (prompt.render's output), evaluating
+        only what differs from what it holds; the last position's logits are fresh afterwards."""
+        chunk_lists = []
+        try:
+            wanted: list[Span] = []
+            sources: list = []  # per span: None (a text token) or the mtmd image chunk to evaluate
+            for piece in pieces:
+                if piece[0] == "tokens":
+                    wanted += [Span(("t", t), 1) for t in piece[1]]
+                    sources += [None] * len(piece[1])
+                elif piece[1]:
+                    chunks = self.tokenize(piece[1], piece[2], add_special=not chunk_lists)
+                    chunk_lists.append(chunks)
+                    self._spans(chunks, piece[2], wanted, sources)
+            if not wanted:
+                raise ModelFilesError("the chat template rendered an empty prompt")
+            need = sum(s.n_pos for s in wanted)
+            if need + 1 > self.n_ctx:
+                n_images = sum(1 for s in wanted if s.key[0] == "i")
+                raise ContextFullError(f"the conversation needs {need} positions but the context holds {self.n_ctx} "
+                                       f"({n_images} image(s)); call reset() or load with a larger n_ctx")
+            keep = self.common_prefix(wanted)
+            self.truncate(keep)
+            stats.reused_positions, stats.prompt_positions = self.n_past, need
+            if self.cancel.is_set():
+                raise Cancelled()
+            self._eval(wanted[keep:], sources[keep:], stats)
+        finally:
+            for chunks in chunk_lists:
+                mtmd.mtmd_input_chunks_free(chunks)
+
+    def tokenize(self, text: str, images: list[PreparedImage], add_special: bool):
+        bitmaps = [mtmd.mtmd_bitmap_init(img.size, img.size, (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb))
+                   for img in images]
+        chunks = mtmd.mtmd_input_chunks_init()
+        try:
+            for bitmap, img in zip(bitmaps, images):
+                mtmd.mtmd_bitmap_set_id(bitmap, img.digest.encode())
+            data = text.encode("utf-8")
+            inp = mtmd.mtmd_input_text(text=data, text_len=len(data), add_special=add_special, parse_special=True)
+            array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            status = mtmd.mtmd_tokenize(self.mctx, chunks, ctypes.byref(inp), array, len(bitmaps))
+        finally:
+            for bitmap in bitmaps:
+                mtmd.mtmd_bitmap_free(bitmap)
+        if status != 0:
+            mtmd.mtmd_input_chunks_free(chunks)
+            raise ModelFilesError(f"mtmd could not tokenize the prompt (status {status}: the chat template placed "
+                                  f"{text.count(MEDIA_MARKER)} image markers for {len(images)} images)")
+        return chunks
+
+    @staticmethod
+    def _spans(chunks, images, wanted: list, sources: list) -> None:
+        image_iter = iter(images)
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                tokens = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                wanted += [Span(("t", tokens[j]), 1) for j in range(n.value)]
+                sources += [None] * n.value
+            else:
+                wanted.append(Span(("i", next(image_iter).digest), mtmd.mtmd_input_chunk_get_n_pos(chunk)))
+                sources.append(chunk)
+
+    def common_prefix(self, wanted: list[Span]) -> int:
+        n = 0
+        for have, want in zip(self.cache, wanted):
+            if have.key != want.key:
+                break
+            n += 1
+        return min(n, len(wanted) - 1)  # evaluate at least the last token to get fresh logits
+
+    def truncate(self, keep: int) -> None:
+        self.n_past = sum(s.n_pos for s in self.cache[:keep])
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, self.n_past, -1)
+        del self.cache[keep:]
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def _eval(self, spans: list[Span], sources: list, stats: TurnStats) -> None:
+        """Evaluate text tokens in batches and images through mtmd's encoder, in prompt order."""
+        pending: list[Span] = []
+        for span, chunk in zip(spans, sources):
+            if chunk is None:
+                pending.append(span)
+                continue
+            self.decode_text(pending, stats)
+            pending = []
+            self._decode_image(chunk, span, stats)
+        self.decode_text(pending, stats)
+
+    def decode_text(self, spans: list[Span], stats: TurnStats) -> None:
+        batch = self.llm.n_batch
+        for start in range(0, len(spans), batch):
+            part = spans[start:start + batch]
+            tokens = (llama_cpp.llama_token * len(part))(*[s.key[1] for s in part])
+            self._check_decode(llama_cpp.llama_decode(self.llm.ctx, llama_cpp.llama_batch_get_one(tokens, len(part))))
+            self.cache += part
+            self.n_past += len(part)
+            stats.evaluated_positions += len(part)
+
+    def decode_token(self, token: int) -> None:
+        """Append one generated token (not counted as prompt evaluation)."""
+        self.decode_text([Span(("t", token), 1)], TurnStats())
+
+    def _decode_image(self, chunk, span: Span, stats: TurnStats) -> None:
+        if self.cancel.is_set():
+            raise Cancelled()
+        new_n_past = llama_cpp.llama_pos(0)
+        status = mtmd.mtmd_helper_eval_chunk_single(self.mctx, self.llm.ctx, chunk, self.n_past, 0,
+                                                    self.llm.n_batch, False, ctypes.byref(new_n_past))
+        if self.cancel.is_set():
+            self.truncate(len(self.cache))
+            raise Cancelled()
+        if status != 0:
+            self.truncate(len(self.cache))
+            raise ModelFilesError(f"llama.cpp failed to encode an image (status {status}: {llama_log.recent()})")
+        self.cache.append(span)
+        self.n_past += span.n_pos
+        stats.evaluated_positions += span.n_pos
+        stats.images_encoded += 1
+
+    def _check_decode(self, status: int) -> None:
+        if status == 0:
+            return
+        self.truncate(len(self.cache))  # drop whatever part of the batch did land
+        if status == 2 or self.cancel.is_set():
+            raise Cancelled()
+        if status == 1:
+            raise ContextFullError(f"no room left in the {self.n_ctx}-token context; call reset() or use a larger n_ctx")
+        raise ModelFilesError(f"llama_decode failed with status {status} ({llama_log.recent()})")
+
+    def encode_image(self, image: PreparedImage) -> np.ndarray:
+        """The image's projected tokens (n_tokens x n_embd, float32); the cache is untouched."""
+        chunks = self.tokenize(MEDIA_MARKER, [image], add_special=False)
+        try:
+            for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+                chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+                if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    if mtmd.mtmd_encode_chunk(self.mctx, chunk) != 0:
+                        raise ModelFilesError(f"llama.cpp failed to encode the image ({llama_log.recent()})")
+                    if self.cancel.is_set():
+                        raise Cancelled()
+                    n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                    width = llama_cpp.llama_model_n_embd(self.llm.model)
+                    embd = ctypes.cast(mtmd.mtmd_get_output_embd(self.mctx), ctypes.POINTER(ctypes.c_float))
+                    return np.ctypeslib.as_array(embd, shape=(n * width,)).reshape(n, width).copy()
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+        raise ModelFilesError("mtmd produced no image chunk for the image")
+
+    def last_logprobs(self) -> np.ndarray:
+        """Log-probabilities (float64) of the token after the last evaluated position."""
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+        shifted = logits.astype(np.float64) - logits.max()
+        return shifted - np.log(np.exp(shifted).sum())
+
+    # -- tokens as text ---------------------------------------------------------------------------
+    def piece(self, token: int, special: bool = False) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece_buf, 256, 0, special)
+        return self._piece_buf.raw[:max(n, 0)]
+
+    def special_text(self, token: int) -> str:
+        """A control token's own text (<|im_end|>), as templates expect for eos_token / bos_token."""
+        return self.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
