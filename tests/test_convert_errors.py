@@ -73,7 +73,7 @@ def test_other_architectures_are_refused_by_name(tmp_path, fresh_checkpoint, con
     (lambda c: c.update(vision_feature_select_strategy="full"), "vision_feature_select_strategy"),
     (lambda c: c.update(vision_feature_layer=[-2, -5]), "vision_feature_layer"),
     (lambda c: c["vision_config"].update(hidden_act="relu"), "hidden_act"),
-    (lambda c: c["text_config"].pop("hidden_size"), "text_config.hidden_size"),
+    (lambda c: c["text_config"].update(hidden_size=None), "text_config.hidden_size is missing"),
 ])
 def test_bad_config_fields_are_named(tmp_path, fresh_checkpoint, edit, needle):
     ckpt = fresh_checkpoint()

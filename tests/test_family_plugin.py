@@ -23,7 +23,7 @@ ACME_TEMPLATE = (
 ACME = Family(
     name="acme_gemma", architectures=("AcmeLlavaForConditionalGeneration",), description="Gemma + CLIP + MLP (test)",
     language=LanguageModel(gguf_arch="gemma", model_types=("gemma",), tokenizer="gpt2", qkv_bias=False,
-                           builtin_template=ACME_TEMPLATE, default_rope_theta=10_000.0))
+                           builtin_template=ACME_TEMPLATE, config_defaults={"gemma": {}}))
 
 
 @pytest.fixture()

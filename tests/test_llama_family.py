@@ -139,3 +139,36 @@ def test_manifest_names_the_family(family_case):
     assert manifest["source"]["family"] == "llava_llama"
     assert [f["file"] for f in manifest["source"]["files"]] == ["model-00001-of-00002.safetensors",
                                                                 "model-00002-of-00002.safetensors"]
+
+
+# config.json of llava-hf/llava-1.5-7b-hf as published (transformers 4 wrote only what differs from
+# the defaults: no hidden_size, no layer count in text_config).
+LLAVA_1_5_7B_CONFIG = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
+    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
+                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
+                    "torch_dtype": "float16", "vocab_size": 32064},
+    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
+                      "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768,
+                      "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+}
+
+
+def test_the_published_llava_1_5_config_reads_as_transformers_reads_it():
+    from acestep_gguf.models.registry import detect
+    family = detect(LLAVA_1_5_7B_CONFIG)
+    h = family.hparams(LLAVA_1_5_7B_CONFIG, {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}})
+    assert family.name == "llava_llama"
+    assert (h["n_embd"], h["n_ff"], h["n_layer"], h["n_head"], h["n_head_kv"], h["n_vocab"]) == (4096, 11008, 32, 32, 32, 32064)
+    assert (h["max_pos"], h["rms_eps"], h["rope_theta"], h["tie_word_embeddings"]) == (4096, 1e-5, 10000.0, False)
+    assert (h["v_embd"], h["v_ff"], h["v_feature_layer"], h["v_image"], h["v_act"]) == (1024, 4096, 23, 336, "quick_gelu")
+    bakllava = {**LLAVA_1_5_7B_CONFIG, "text_config": {"model_type": "mistral", "vocab_size": 32002}}
+    h = detect(bakllava).hparams(bakllava, {})
+    assert (h["n_ff"], h["n_head_kv"], h["max_pos"]) == (14336, 8, 131072)  # MistralConfig's defaults
+    # the same shapes as the planner's card for it
+    from acestep_gguf.models.presets import PRESETS
+    card = PRESETS["llava-1.5-7b"]
+    assert (card["n_layer"], card["n_embd"], card["n_ff"], card["v_layer"]) == (h["n_layer"], 4096, 11008, 23)

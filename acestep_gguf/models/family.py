@@ -98,6 +98,10 @@ ALWAYS_IGNORED = (
 VISION_ACTIVATIONS = {"quick_gelu": None, "gelu": Keys.ClipVision.USE_GELU, "gelu_new": Keys.ClipVision.USE_GELU,
                       "gelu_pytorch_tanh": Keys.ClipVision.USE_GELU, "silu": Keys.ClipVision.USE_SILU}
 PROJECTOR_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh")  # llama.cpp's mlp projector: GELU only
+# CLIPVisionConfig's defaults (transformers), for vision_config fields a hub config leaves out.
+CLIP_VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                        "num_channels": 3, "image_size": 224, "patch_size": 32, "hidden_act": "quick_gelu",
+                        "layer_norm_eps": 1e-5}
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PIL_BICUBIC = 3
@@ -160,7 +164,9 @@ class LanguageModel:
     tokenizer: str  # a kind in models/tokenizers.py
     qkv_bias: bool  # q/k/v projections carry biases
     builtin_template: str  # used when the checkpoint's own cannot render the runtime's conversations
-    default_rope_theta: float
+    # transformers' config defaults per model_type: hub configs written by transformers 4 store only
+    # what differs from them (llava-1.5-7b-hf's text_config has no hidden_size at all)
+    config_defaults: dict
     # llama.cpp's `llama` architecture rotates adjacent pairs (GPT-J style) where transformers rotates
     # halves: the q/k projections are stored permuted and must be un-permuted (as llama.cpp's
     # convert_hf_to_gguf.py LlamaModel.permute does). Qwen2 uses NEOX rope in llama.cpp: no permutation.
@@ -206,7 +212,9 @@ class Family:
         if vision.data.get("model_type") not in self.vision_model_types:
             raise ConfigError(f"config.json: vision_config.model_type is {vision.data.get('model_type')!r}; only "
                               f"{', '.join(self.vision_model_types)} is supported")
-        h = _text_hparams(text, top, self.language.default_rope_theta)
+        text = Fields({**self.language.config_defaults[text.data["model_type"]], **text.data}, text.where)
+        vision = Fields({**CLIP_VISION_DEFAULTS, **vision.data}, vision.where)
+        h = _text_hparams(text, top)
         h.update(_vision_hparams(vision, top, self))
         h.update(_image_preprocessing(Fields(preprocessor, "preprocessor_config.json"), h["v_image"]))
         return h
@@ -346,10 +354,10 @@ def context_length(h: dict) -> int:
     return h["max_pos"]
 
 
-def _rope(text: Fields, default_theta: float) -> tuple[float, dict | None]:
+def _rope(text: Fields) -> tuple[float, dict | None]:
     """rope_theta and rope_scaling from either transformers-4 or transformers-5 (rope_parameters) keys."""
     params = text.section("rope_parameters", None)
-    theta = text.number("rope_theta", 1.0, 1e12, params.data.get("rope_theta", default_theta))
+    theta = text.number("rope_theta", 1.0, 1e12, params.data.get("rope_theta", 10_000.0))
     scaling = text.data.get("rope_scaling")
     where = text.section("rope_scaling", None) if scaling is not None else params
     if scaling is None and params.data.get("rope_type", "default") == "default":
@@ -365,7 +373,7 @@ def _rope(text: Fields, default_theta: float) -> tuple[float, dict | None]:
     return theta, out
 
 
-def _text_hparams(text: Fields, top: Fields, default_theta: float) -> dict:
+def _text_hparams(text: Fields, top: Fields) -> dict:
     h: dict = {
         "n_embd": text.integer("hidden_size", 1, MAX_WIDTH), "n_ff": text.integer("intermediate_size", 1, MAX_WIDTH),
         "n_layer": text.integer("num_hidden_layers", 1, MAX_LAYERS),
@@ -378,7 +386,7 @@ def _text_hparams(text: Fields, top: Fields, default_theta: float) -> dict:
     h["n_q"], h["n_kv"] = h["n_head"] * h["head_dim"], h["n_head_kv"] * h["head_dim"]
     h["rms_eps"] = text.number("rms_norm_eps", 0.0, 1.0, 1e-6)
     h["max_pos"] = text.integer("max_position_embeddings", 1, MAX_POSITIONS)
-    h["rope_theta"], h["rope_scaling"] = _rope(text, default_theta)
+    h["rope_theta"], h["rope_scaling"] = _rope(text)
     h["tie_word_embeddings"] = text.boolean("tie_word_embeddings", top.boolean("tie_word_embeddings", False))
     return h
 

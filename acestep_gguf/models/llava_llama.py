@@ -26,8 +26,18 @@ LLAVA_1_5_TEMPLATE = (
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
+# LlamaConfig's and MistralConfig's defaults (transformers 5): llava-1.5-7b-hf's text_config stores only
+# max_position_embeddings, rms_norm_eps and vocab_size. (Mistral's 4096-token sliding window is not
+# applied by llama.cpp's llama architecture: exact up to 4096 positions of context.)
+LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                  "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+                  "rope_theta": 10_000.0, "tie_word_embeddings": False}
+MISTRAL_DEFAULTS = {**LLAMA_DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8,
+                    "max_position_embeddings": 131072}
+
 LLAMA = LanguageModel(gguf_arch="llama", model_types=("llama", "mistral"), tokenizer="llama", qkv_bias=False,
-                      builtin_template=LLAVA_1_5_TEMPLATE, default_rope_theta=10_000.0, rope_permute=True)
+                      builtin_template=LLAVA_1_5_TEMPLATE, rope_permute=True,
+                      config_defaults={"llama": LLAMA_DEFAULTS, "mistral": MISTRAL_DEFAULTS})
 
 FAMILY = Family(name="llava_llama", architectures=("LlavaForConditionalGeneration",), language=LLAMA,
                 description="Llama or Mistral + CLIP + MLP projector (LLaVA-1.5, BakLLaVA)")
