@@ -1,7 +1,8 @@
-"""Parity figures for docs/parity.md: a tiny real LlavaForConditionalGeneration (tests/builders.py),
-converted to F16 and BF16, against transformers in float32.
+"""Parity figures for docs/parity.md: tiny real LlavaForConditionalGeneration models (tests/builders.py)
+of each family, converted, against transformers in float32.
 
-    python bench/parity.py
+    python bench/parity.py                 # the Qwen2 family (ACE-Step 1.5's layout): F16, BF16, Q8_0
+    python bench/parity.py --family llama  # LLaVA-1.5 (Llama) and BakLLaVA (Mistral): F16, Q8_0
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from builders import build_model, build_tokenizer, save_checkpoint, tiny_config  # noqa: E402
+from builders import (LLAMA_TOKENIZER_CONFIG, build_model, build_tokenizer, save_checkpoint, tiny_config,  # noqa: E402
+                      tiny_llama_config)
 from test_parity import (QUESTION, encode_with_llama, hf_logprobs, pixel_values, top10_gap)  # noqa: E402
 from transformers import CLIPImageProcessor  # noqa: E402
 from transformers.activations import ACT2FN  # noqa: E402
@@ -25,18 +27,44 @@ from transformers.activations import ACT2FN  # noqa: E402
 from acestep_gguf import VisionChat, convert  # noqa: E402
 
 
+def llama_family() -> None:
+    import json
+
+    from spm_vocab import llama_tokenizer_json
+    from test_llama_family import hf_logprobs as llava_logprobs
+    from tokenizers import Tokenizer
+    spm = Tokenizer.from_str(json.dumps(llama_tokenizer_json()))
+    rng = np.random.default_rng(11)
+    image = Image.fromarray(rng.integers(0, 256, (90, 70, 3), np.uint8))
+    print("| language model | file | prompt | same top-1 | max abs Δ log-prob over transformers' top-10 |\n|---|---|---|---|---|")
+    for text in ("llama", "mistral"):
+        model = build_model(tiny_llama_config(spm, text))
+        work = Path(tempfile.mkdtemp())
+        ckpt = save_checkpoint(model, spm, work / "ckpt", style="hub4", shards=2, tokenizer_config=LLAMA_TOKENIZER_CONFIG)
+        convert(ckpt, out=work / "out", quant="F16,Q8_0", name="p")
+        for quant in ("F16", "Q8_0"):
+            with VisionChat.load(work / "out", quant=quant, n_gpu_layers=0) as chat:
+                for name, picture in (("text only", None), ("image: random noise 90x70", image)):
+                    chat.reset()
+                    ref = llava_logprobs(model, spm, picture)
+                    got = chat.next_token_logprobs(QUESTION, images=[picture] if picture is not None else [])
+                    print(f"| {text} | {quant} | {name} | {got.argmax() == ref.argmax()} | {top10_gap(ref, got):.1e} |")
+
+
 def main() -> None:
     torch.set_num_threads(2)
+    if "--family" in sys.argv and sys.argv[sys.argv.index("--family") + 1] == "llama":
+        return llama_family()
     tok = build_tokenizer()
     model = build_model(tiny_config(tok))
     work = Path(tempfile.mkdtemp())
-    convert(save_checkpoint(model, tok, work / "ckpt"), out=work / "out", quant="F16,BF16", name="p")
+    convert(save_checkpoint(model, tok, work / "ckpt"), out=work / "out", quant="F16,BF16,Q8_0", name="p")
     rng = np.random.default_rng(11)
     images = {"random noise 90x70": Image.fromarray(rng.integers(0, 256, (90, 70, 3), np.uint8)),
               "random noise 56x56": Image.fromarray(rng.integers(0, 256, (56, 56, 3), np.uint8)),
               "flat colour 80x60": Image.new("RGB", (80, 60), (200, 40, 40))}
     print("| model | prompt | same top-1 | max abs Δ log-prob over transformers' top-10 |\n|---|---|---|---|")
-    for quant in ("F16", "BF16"):
+    for quant in ("F16", "BF16", "Q8_0"):
         with VisionChat.load(work / "out", quant=quant) as chat:
             ref = hf_logprobs(model, tok)
             got = chat.next_token_logprobs(QUESTION)
