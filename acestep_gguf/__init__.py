@@ -1,4 +1,4 @@
-"""acestep-gguf: llava-style (Qwen2 + CLIP + MLP) checkpoints to quantized GGUF, and offline image chat.
+"""acestep-gguf: llava-style (Qwen2, Llama or Mistral + CLIP + MLP) checkpoints to quantized GGUF, and offline image chat.
 
 llama.cpp and the runtime load on first use of ``VisionChat`` (and the converter on the first
 ``convert`` call), so importing the package and starting the CLI are quick, and a Ctrl-C during

@@ -23,7 +23,7 @@ from . import __version__
 from .errors import AcestepGGUFError, OptionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Convert llava-style (Qwen2 + CLIP + MLP) checkpoints to GGUF and chat about images offline.")
+                  help="Convert llava-style (Qwen2, Llama or Mistral + CLIP + MLP) checkpoints to GGUF and chat about images offline.")
 err = Console(stderr=True, highlight=False, markup=False, emoji=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True, markup=False, emoji=False)
 
@@ -325,7 +325,7 @@ def caption(
 @app.command()
 def plan(
     model: Optional[Path] = typer.Argument(None, help="Converted folder or language-model .gguf file."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Plan for a model card instead: ace-step-1.5."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Plan for a model card instead: ace-step-1.5, llava-1.5-7b or llava-1.5-13b."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (with --preset: default Q4_K_M)."),
     mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type for --preset: F16 or Q8_0."),
     vram: str = typer.Option("12GiB", "--vram", help="GPU memory budget with a unit: 12GiB, 11.5GB, 800MiB."),

@@ -77,3 +77,16 @@ def test_plan_command_json_and_table(converted):
     assert table.exit_code == 0 and "KV cache" in table.stdout and "--gpu-layers 3: 2 of 2 layers fit plus the output layer" in table.stdout
     bad = runner.invoke(app, ["plan", "--preset", "ace-step-1.5", "--vram", "twelve"])
     assert bad.exit_code == 1 and "--vram" in bad.stderr
+
+
+@pytest.mark.parametrize("preset,published,mmproj", [("llava-1.5-7b", 4.08e9, 624e6), ("llava-1.5-13b", 7.87e9, 645e6)])
+def test_llava_presets_match_published_llama_2_sizes(preset, published, mmproj):
+    """Q4_K_M files of Llama-2-7B / 13B (TheBloke's GGUF): 4.08 / 7.87 GB; LLaVA-1.5's F16 mmproj
+    (CLIP ViT-L/14-336, 23 layers run, projector to 4096 / 5120): 624 / 645 MB."""
+    shape = shape_from_preset(preset, "Q4_K_M")
+    total = sum(shape.layer_bytes) + sum(shape.other_bytes.values())
+    assert total == pytest.approx(published, rel=0.005)
+    assert shape.mmproj_bytes == pytest.approx(mmproj, rel=0.01) and shape.v_n_pos == 577
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", "--preset", preset, "--vram", "24GiB", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["output_on_gpu"] is True
