@@ -288,6 +288,41 @@ def _interactive(session, images, sampling):
         pending = []
 
 
+# -- serve -----------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted folder (default: as for chat)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (default: best present)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback needs --api-key."),
+    port: int = typer.Option(8080, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' "
+                                          "(also from $ACESTEP_GGUF_API_KEY)."),
+    ctx: int = typer.Option(8192, "--ctx", help="Context length in tokens."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where conversation states are kept across "
+                                             "restarts (default: the user cache; 'none' keeps them in memory only)."),
+    cache_size: str = typer.Option("4GiB", "--cache-size", help="Room for saved conversation states, with a unit."),
+    max_image_bytes: str = typer.Option("16MiB", "--max-image-bytes", help="Largest image a request may send."),
+    cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow browser pages from this origin (repeatable)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log and every request."),
+):
+    """Serve the model over HTTP: OpenAI and Ollama APIs and a chat page at http://HOST:PORT/."""
+    from .demo import cache_folder
+    from .runtime.offload import parse_size
+    from .server import serve as run_server
+    with _errors():
+        folder = model or default_model_folder(quant)
+        states = None if str(cache_dir).lower() == "none" else (cache_dir or cache_folder() / "kv-cache")
+        err.print(f"serving {folder} on http://{host}:{port}/ (OpenAI: /v1, Ollama: /api; Ctrl-C stops)")
+        run_server(folder, quant=quant, host=host, port=port, api_key=api_key, n_ctx=ctx, n_threads=threads,
+                   n_gpu_layers=gpu_layers_option(gpu_layers), vram=vram, cache_dir=states,
+                   cache_size=parse_size(cache_size, "--cache-size"),
+                   max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"), cors_origins=cors_origin,
+                   verbose=verbose)
+
+
 # -- caption ---------------------------------------------------------------------------------------
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 

@@ -23,6 +23,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -37,7 +38,7 @@ from ..system import default_threads
 from ..templates import PROBES, TemplateFailed, compile_template, probe
 from .generation import SamplingOptions, TurnStats, generate
 from .images import PreparedImage, prepare
-from .kv_session import Cancelled, KVSession
+from .kv_session import Cancelled, KVSession, KVSnapshot
 from .model_files import ModelFiles, check_pair, pixel_recipe, read_fields, resolve
 from .prompt import render_prompt
 from .offload import N_UBATCH, plan_offload
@@ -75,7 +76,8 @@ class VisionChat:
         self._contexts = contexts
         self._finalizer = weakref.finalize(self, contexts.free)
         self._recipe = recipe
-        self._template = compile_template(contexts.llm.metadata["tokenizer.chat_template"])
+        self.chat_template = contexts.llm.metadata["tokenizer.chat_template"]  # the GGUF's own
+        self._template = compile_template(self.chat_template)
         self._system, self._seed = system, seed
         self._messages: list[dict] = []
         self._lock = threading.Lock()  # the session: held by a turn from stream() to its end, or by one call
@@ -175,12 +177,71 @@ class VisionChat:
         options = SamplingOptions.from_kwargs(self._seed, **sampling)
         prepared = [prepare(img, self._recipe) for img in _image_list(images)]
         parts = [{"type": "image", "image": p} for p in prepared] + [{"type": "text", "text": prompt}]
+        return self._start({"role": "user", "content": parts}, options, None)
+
+    def stream_messages(self, messages: Sequence[dict], **sampling) -> Iterator[str]:
+        """Answer the last message of a whole conversation given at once, as stateless clients (HTTP
+        APIs) send it; it replaces the session's conversation. Each message is {"role": "system" |
+        "user" | "assistant", "content": str or [{"type": "text", "text"} | {"type": "image", "image"}]},
+        parts in any order; an assistant message may carry "tokens" (its generated ids) so its KV
+        entries are reused exactly. What the KV cache already holds of it is not evaluated again."""
+        options = SamplingOptions.from_kwargs(self._seed, **sampling)
+        converted = [self._message(m, i) for i, m in enumerate(messages)]
+        if not converted or converted[-1]["role"] != "user":
+            raise OptionError("the conversation must end with a user message")
+        return self._start(converted[-1], options, converted[:-1])
+
+    def _message(self, m, index: int) -> dict:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise OptionError(f"message {index}: needs a role of system, user or assistant")
+        content = m.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise OptionError(f"message {index}: content must be a string or a list of parts")
+        out = []
+        for part in parts:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                out.append({"type": "text", "text": part["text"]})
+            elif isinstance(part, dict) and part.get("type") == "image" and "image" in part:
+                out.append({"type": "image", "image": prepare(part["image"], self._recipe)})
+            else:
+                raise OptionError(f"message {index}: a part must be {{'type': 'text', 'text': ...}} or "
+                                  "{'type': 'image', 'image': ...}")
+        message = {"role": m["role"], "content": out}
+        tokens = m.get("tokens")
+        if m["role"] == "assistant" and isinstance(tokens, list) and all(type(t) is int for t in tokens):
+            message["tokens"] = list(tokens)
+        return message
+
+    def _start(self, message: dict, options: SamplingOptions, history: list[dict] | None) -> Iterator[str]:
         self._acquire()
+        if history is not None:
+            self._messages = history
         self._cancel.clear()  # a cancel() from now on, even before the first next(), ends this turn
         self.last_turn = TurnStats()
-        turn = _Turn(self, self._turn({"role": "user", "content": parts}, options, self.last_turn))
+        turn = _Turn(self, self._turn(message, options, self.last_turn))
         self._active = weakref.ref(turn)
         return turn
+
+    @property
+    def last_reply_tokens(self) -> list[int] | None:
+        """The token ids of the last reply (None when a stop string cut it), for stream_messages."""
+        last = self._messages[-1] if self._messages else None
+        return list(last["tokens"]) if last and last["role"] == "assistant" and last.get("tokens") is not None else None
+
+    def save_state(self) -> "ChatState":
+        """The conversation and its KV cache, to restore later (another conversation may come between)."""
+        with self._session():
+            return ChatState(list(self._messages), self._kv.snapshot())
+
+    def restore_state(self, state: "ChatState") -> bool:
+        """Continue from a saved state; False (and a cleared session) when llama.cpp refuses the cache."""
+        with self._session():
+            self._messages = list(state.messages)
+            if self._kv.restore(state.kv):
+                return True
+            self._clear()
+            return False
 
     def prepare_image(self, image) -> PreparedImage:
         """Decode and check an image now (ImageError if it is refused); the result can be passed to
@@ -270,6 +331,12 @@ class VisionChat:
         before = stats.images_encoded
         kv.prefill(pieces, stats)
         self.images_encoded_total += stats.images_encoded - before
+
+
+@dataclass(frozen=True)
+class ChatState:
+    messages: list
+    kv: KVSnapshot
 
 
 class _Turn:

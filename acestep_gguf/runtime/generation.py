@@ -37,6 +37,7 @@ class SamplingOptions:
     top_p: float = 0.95
     seed: int | None = None
     stop: Sequence[str] = ()
+    grammar: str | None = None  # GBNF (llama.cpp's grammar format): the reply must match it
 
     @classmethod
     def from_kwargs(cls, default_seed: int | None, **kwargs) -> "SamplingOptions":
@@ -60,6 +61,8 @@ class SamplingOptions:
             o.stop = [o.stop]
         if not all(isinstance(s, str) and s for s in o.stop):
             raise OptionError("stop: a list of non-empty strings")
+        if o.grammar is not None and not (isinstance(o.grammar, str) and o.grammar.strip()):
+            raise OptionError("grammar: a GBNF grammar text")
         return o
 
 
@@ -77,10 +80,17 @@ def release(text: str, sent: int, stops: Sequence[str]) -> tuple[str, bool]:
     return text[sent:len(text) - hold], False
 
 
-def make_sampler(o: SamplingOptions):
-    """llama.cpp's sampler chain for these options: greedy at temperature 0, else top-p, temperature, seed."""
+def make_sampler(o: SamplingOptions, vocab):
+    """llama.cpp's sampler chain for these options: the grammar first (if any), then greedy at
+    temperature 0, else top-p, temperature, seed."""
     import llama_cpp
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if o.grammar:
+        grammar = llama_cpp.llama_sampler_init_grammar(vocab, o.grammar.encode(), b"root")
+        if not grammar:
+            llama_cpp.llama_sampler_free(chain)
+            raise OptionError("grammar: llama.cpp could not parse it")
+        llama_cpp.llama_sampler_chain_add(chain, grammar)
     if o.temperature <= 0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
     else:
@@ -98,7 +108,7 @@ def generate(kv, o: SamplingOptions, stats: TurnStats, started: float, generated
     import llama_cpp
 
     from .kv_session import Cancelled
-    sampler = make_sampler(o)
+    sampler = make_sampler(o, kv.vocab)
     decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python does
     text, sent, stop_hit, t_first = "", 0, False, None
     try:

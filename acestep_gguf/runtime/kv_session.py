@@ -34,6 +34,15 @@ class Span:
     n_pos: int
 
 
+@dataclass(frozen=True)
+class KVSnapshot:
+    """A copy of the cache's contents (llama.cpp's sequence state) and what it holds, to restore later."""
+
+    spans: tuple  # ((key, n_pos), ...)
+    n_past: int
+    data: bytes
+
+
 class KVSession:
     def __init__(self, llm: llama_cpp.Llama, mctx, cancel: threading.Event):
         self.llm, self.mctx, self.cancel = llm, mctx, cancel
@@ -49,6 +58,26 @@ class KVSession:
     def clear(self) -> None:
         self.cache, self.n_past = [], 0
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+
+    def snapshot(self) -> KVSnapshot:
+        """The KV cells of the conversation held now (host memory; a few hundred kB per token for 32B)."""
+        ctx = self.llm.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        return KVSnapshot(tuple((s.key, s.n_pos) for s in self.cache), self.n_past, bytes(buf)[:n])
+
+    def restore(self, snap: KVSnapshot) -> bool:
+        """Replace the cache with a snapshot; False (and an empty cache) if llama.cpp refuses it."""
+        self.clear()
+        if not snap.data:
+            return False
+        buf = (ctypes.c_uint8 * len(snap.data)).from_buffer_copy(snap.data)
+        if llama_cpp.llama_state_seq_set_data(self.llm.ctx, buf, len(snap.data), 0) == 0:
+            self.clear()
+            return False
+        self.cache, self.n_past = [Span(tuple(k), n) for k, n in snap.spans], snap.n_past
+        return True
 
     # -- prompt -----------------------------------------------------------------------------------
     def prefill(self, pieces: list, stats: TurnStats) -> None:

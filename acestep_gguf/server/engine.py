@@ -1,0 +1,132 @@
+"""One loaded model behind the HTTP APIs: requests run one at a time in arrival order (asyncio's
+lock wakes waiters first come, first served); the generation itself runs in a worker thread and its
+pieces are handed to the event loop. A client that goes away cancels its generation and frees the
+model for the next request.
+
+Stateless clients resend the whole conversation every time. The VisionChat's KV cache already
+reuses whatever prefix it holds; the engine adds (1) other conversations' saved states, swapped in
+when one shares a longer prefix with the request than what the cache holds, and (2) the token ids of
+recent replies, so that a reply sent back as text is matched token for token."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ..runtime.chat import VisionChat
+from ..runtime.generation import TurnStats
+from .store import StateStore, common, message_keys
+
+log = logging.getLogger("acestep_gguf.server")
+MAX_REMEMBERED_REPLIES = 512
+
+
+@dataclass
+class Result:
+    """What a finished request cost: the turn's stats and the text it produced."""
+
+    text: str = ""
+    stats: TurnStats = field(default_factory=TurnStats)
+
+
+class Engine:
+    def __init__(self, chat: VisionChat, store: StateStore, name: str):
+        self.chat, self.store, self.name = chat, store, name
+        self.current_keys: tuple = ()
+        self.replies: OrderedDict[str, list[int]] = OrderedDict()
+        self._lock: asyncio.Lock | None = None
+        self.requests = 0
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    # -- in the worker thread ---------------------------------------------------------------------
+    def prepare(self, messages: list[dict]) -> list[dict]:
+        """Decode and check every image now (errors before any response is started)."""
+        out = []
+        for m in messages:
+            content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            parts = [{"type": "image", "image": self.chat.prepare_image(p["image"])} if p["type"] == "image" else p
+                     for p in content]
+            out.append({"role": m["role"], "content": parts})
+        return out
+
+    def _run(self, messages: list[dict], sampling: dict, emit, result: Result) -> None:
+        keys = message_keys(messages)
+        for m in messages:  # a reply we generated comes back as text: give it back its token ids
+            if m["role"] == "assistant":
+                text = "".join(p.get("text", "") for p in m["content"])
+                if text in self.replies:
+                    m["tokens"] = self.replies[text]
+        held = common(self.current_keys, keys)
+        if self.current_keys and held < len(self.current_keys):
+            # this request does not continue the conversation the cache holds: keep that one first
+            self.store.put(self.current_keys, self.chat.save_state())
+        state = self.store.best(keys, better_than=held)
+        if state is not None:
+            self.chat.restore_state(state)
+            log.info("restored a saved conversation state (%d cached positions)", len(state.kv.spans))
+        for piece in self.chat.stream_messages(messages, **sampling):
+            result.text += piece
+            emit(piece)
+        result.stats = self.chat.last_turn
+        tokens = self.chat.last_reply_tokens
+        if tokens is not None:
+            self.replies[result.text] = tokens
+            self.replies.move_to_end(result.text)
+            while len(self.replies) > MAX_REMEMBERED_REPLIES:
+                self.replies.popitem(last=False)
+        reply = {"role": "assistant", "content": [{"type": "text", "text": result.text}]}
+        self.current_keys = keys + message_keys([reply]) if result.stats.finish_reason != "cancelled" else ()
+        t = result.stats
+        log.info("request %d: %d prompt positions, %d from the cache, %d images encoded, %d tokens (%s)",
+                 self.requests, t.prompt_positions, t.reused_positions, t.images_encoded, t.completion_tokens,
+                 t.finish_reason)
+
+    # -- on the event loop ------------------------------------------------------------------------
+    async def generate(self, messages: list[dict], sampling: dict, result: Result):
+        """Yield the reply's pieces; holds the model from the first step to the last."""
+        async with self.lock:
+            self.requests += 1
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()
+
+            def emit(piece: str) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+
+            def work() -> None:
+                try:
+                    self._run(messages, sampling, emit, result)
+                    loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+                except BaseException as e:  # handed to the event loop, raised there
+                    loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+            worker = threading.Thread(target=work, name="acestep-generate", daemon=True)
+            worker.start()
+            try:
+                while True:
+                    kind, value = await queue.get()
+                    if kind == "piece":
+                        yield value
+                    elif kind == "error":
+                        raise value
+                    else:
+                        break
+            finally:
+                if worker.is_alive():  # the client went away (or the server stops): stop generating
+                    self.chat.cancel()
+                    await asyncio.to_thread(worker.join)
+
+    def close(self) -> None:
+        """Keep the conversation the cache holds for the next start, then free the model."""
+        try:
+            if self.current_keys:
+                self.store.put(self.current_keys, self.chat.save_state())
+        finally:
+            self.chat.close()

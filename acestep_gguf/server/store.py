@@ -1,0 +1,199 @@
+"""Saved conversation states (messages + KV cache), so that two clients taking turns both keep their
+cache, and a restarted server answers a repeated conversation from disk.
+
+States are found by the conversation's message-level key prefix (a digest per message: role, text,
+image pixel digests); the KV session's token-level compare then reuses exactly what matches. In
+memory: least recently used first out, within ``max_bytes``. On disk (optional): one file per state,
+written as *.partial then renamed, with a header naming the model and a sha256 of the payload; a file
+that is foreign, truncated or corrupt is ignored and deleted, never trusted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.chat import ChatState
+from ..runtime.images import PreparedImage
+from ..runtime.kv_session import KVSnapshot
+
+MAGIC = b"ACESTEP-KV1\n"
+
+
+def message_keys(messages: list[dict]) -> tuple[str, ...]:
+    """One digest per message: what the KV cache of that message depends on."""
+    keys = []
+    for m in messages:
+        h = hashlib.sha256(m["role"].encode())
+        for part in m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]:
+            image = part.get("image")
+            h.update(b"\x00i" + image.digest.encode() if isinstance(image, PreparedImage) else
+                     b"\x00t" + str(part.get("text", "")).encode())
+        keys.append(h.hexdigest()[:24])
+    return tuple(keys)
+
+
+def common(a: tuple, b: tuple) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Entry:
+    keys: tuple
+    state: ChatState | None  # None: on disk only
+    n_bytes: int
+    path: Path | None = None
+
+
+class StateStore:
+    def __init__(self, max_bytes: int, folder: Path | None, model_id: str):
+        self.max_bytes, self.folder, self.model_id = max_bytes, folder, model_id
+        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.hits = self.misses = 0
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._scan()
+
+    # -- finding and keeping ----------------------------------------------------------------------
+    def best(self, keys: tuple, better_than: int) -> ChatState | None:
+        """The saved state sharing the longest message prefix with ``keys`` (more than ``better_than``)."""
+        ranked = sorted(self.entries.values(), key=lambda e: common(e.keys, keys), reverse=True)
+        for entry in ranked:
+            if common(entry.keys, keys) <= better_than:
+                break
+            state = entry.state or self._load(entry)
+            if state is not None:
+                self.entries.move_to_end(entry.keys)
+                self.hits += 1
+                return state
+        self.misses += 1
+        return None
+
+    def put(self, keys: tuple, state: ChatState) -> None:
+        if not keys:
+            return
+        n_bytes = len(state.kv.data)
+        if n_bytes > self.max_bytes:
+            return
+        old = self.entries.pop(keys, None)
+        entry = _Entry(keys, state, n_bytes, old.path if old else None)
+        if self.folder is not None:
+            entry.path = self._write(keys, state)
+        self.entries[keys] = entry
+        self._evict()
+
+    def _evict(self) -> None:
+        while sum(e.n_bytes for e in self.entries.values()) > self.max_bytes and self.entries:
+            _, entry = self.entries.popitem(last=False)
+            if entry.path is not None:
+                entry.path.unlink(missing_ok=True)
+
+    # -- disk -------------------------------------------------------------------------------------
+    def _write(self, keys: tuple, state: ChatState) -> Path:
+        payload = _plain(state)
+        header = json.dumps({"model": self.model_id, "keys": list(keys), "bytes": len(payload),
+                             "kv_bytes": len(state.kv.data), "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+        path = self.folder / (hashlib.sha256("/".join(keys).encode()).hexdigest()[:32] + ".kv")
+        tmp = path.with_suffix(".kv.partial")
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + struct.pack("<I", len(header)) + header + payload)
+        os.replace(tmp, path)
+        return path
+
+    def _header(self, path: Path) -> dict | None:
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(MAGIC)) != MAGIC:
+                    return None
+                (n,) = struct.unpack("<I", f.read(4))
+                if n > 1 << 20:
+                    return None
+                header = json.loads(f.read(n))
+            ok = (isinstance(header, dict) and header.get("model") == self.model_id
+                  and isinstance(header.get("keys"), list) and all(isinstance(k, str) for k in header["keys"])
+                  and isinstance(header.get("bytes"), int) and isinstance(header.get("kv_bytes"), int)
+                  and path.stat().st_size == len(MAGIC) + 4 + n + header["bytes"])
+            return {**header, "offset": len(MAGIC) + 4 + n} if ok else None
+        except (OSError, ValueError, struct.error):
+            return None
+
+    def _scan(self) -> None:
+        for path in sorted(self.folder.glob("*.kv.partial")):
+            path.unlink(missing_ok=True)
+        files = sorted(self.folder.glob("*.kv"), key=lambda p: p.stat().st_mtime)
+        for path in files:
+            header = self._header(path)
+            if header is None:  # foreign, old or damaged: replaced, never trusted
+                path.unlink(missing_ok=True)
+                continue
+            keys = tuple(header["keys"])
+            self.entries[keys] = _Entry(keys, None, header["kv_bytes"], path)
+        self._evict()
+
+    def _load(self, entry: _Entry) -> ChatState | None:
+        header = self._header(entry.path) if entry.path else None
+        try:
+            if header is None:
+                raise ValueError("bad header")
+            with open(entry.path, "rb") as f:
+                f.seek(header["offset"])
+                payload = f.read(header["bytes"])
+            if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+                raise ValueError("checksum")
+            return _from_plain(payload)
+        except Exception:
+            self.entries.pop(entry.keys, None)
+            if entry.path is not None:
+                entry.path.unlink(missing_ok=True)
+            return None
+
+
+def _plain(state: ChatState) -> bytes:
+    """Only plain data goes to disk — JSON (texts, token ids, image digests, spans) then raw blobs
+    (image pixels, the KV bytes) — nothing that runs code when read back."""
+    blobs: list[bytes] = []
+
+    def blob(data: bytes) -> list[int]:
+        blobs.append(data)
+        return [sum(len(b) for b in blobs[:-1]), len(data)]
+
+    messages = []
+    for m in state.messages:
+        content = [{"type": "image", "rgb": blob(p["image"].rgb), "size": p["image"].size, "digest": p["image"].digest,
+                    "label": p["image"].label} if p["type"] == "image" else {"type": "text", "text": p["text"]}
+                   for p in m["content"]]
+        messages.append({"role": m["role"], "content": content, "tokens": m.get("tokens")})
+    doc = json.dumps({"messages": messages, "spans": [[list(k), n] for k, n in state.kv.spans],
+                      "n_past": state.kv.n_past, "kv": blob(state.kv.data)}).encode()
+    return struct.pack("<Q", len(doc)) + doc + b"".join(blobs)
+
+
+def _from_plain(payload: bytes) -> ChatState:
+    (n,) = struct.unpack_from("<Q", payload)
+    doc, data = json.loads(payload[8:8 + n]), memoryview(payload)[8 + n:]
+
+    def blob(ref) -> bytes:
+        start, length = ref
+        if not (0 <= start and start + length <= len(data)):
+            raise ValueError("blob outside the file")
+        return bytes(data[start:start + length])
+
+    messages = []
+    for m in doc["messages"]:
+        content = [{"type": "image", "image": PreparedImage(blob(p["rgb"]), int(p["size"]), str(p["digest"]), str(p["label"]))}
+                   if p["type"] == "image" else {"type": "text", "text": str(p["text"])} for p in m["content"]]
+        message = {"role": str(m["role"]), "content": content}
+        if m.get("tokens") is not None:
+            message["tokens"] = [int(t) for t in m["tokens"]]
+        messages.append(message)
+    spans = tuple((tuple(k), int(n)) for k, n in doc["spans"])
+    return ChatState(messages, KVSnapshot(spans, int(doc["n_past"]), blob(doc["kv"])))
