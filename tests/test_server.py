@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess

@@ -67,7 +67,7 @@ class VisionChat:
     """A conversation about images with one loaded model. One generation at a time."""
 
     def __init__(self, files: ModelFiles, contexts: _Contexts, recipe, system: str | None, seed: int | None,
-                 n_gpu_layers: int, verbose: bool = False):
+                 n_gpu_layers: int):
         self.files, self.model_path, self.quant = files, files.model, files.quant
         self.n_gpu_layers = n_gpu_layers
         self.offload_plan = None
@@ -118,7 +118,7 @@ class VisionChat:
         try:
             with interrupts.deferred():  # a Ctrl-C while loading is raised once loading has returned
                 contexts.llm, contexts.mctx = _open_contexts(files, n_ctx, n_threads, n_gpu_layers, verbose)
-                chat = cls(files, contexts, recipe, system, seed, n_gpu_layers, verbose)
+                chat = cls(files, contexts, recipe, system, seed, n_gpu_layers)
         except BaseException:
             contexts.free()
             raise

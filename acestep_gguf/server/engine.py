@@ -72,6 +72,7 @@ class Engine:
         if state is not None:
             self.chat.restore_state(state)
             log.info("restored a saved conversation state (%d cached positions)", len(state.kv.spans))
+        self.current_keys = ()  # until this turn ends well, the cache holds no known conversation
         for piece in self.chat.stream_messages(messages, **sampling):
             result.text += piece
             emit(piece)
