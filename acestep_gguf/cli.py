@@ -340,20 +340,46 @@ def caption(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
     gpu_layers: str = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers."),
     vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="Caption on a Ray cluster: 'local' (started for the "
+                                              "run), 'auto', or an address such as ray://head:10001."),
+    workers: int = typer.Option(2, "--workers", min=1, help="With --ray: actors, each holding one loaded model."),
+    cpus_per_worker: int = typer.Option(1, "--cpus-per-worker", min=1, help="With --ray: CPUs (threads) per actor."),
+    gpus_per_worker: float = typer.Option(0, "--gpus-per-worker", min=0, help="With --ray: GPUs per actor (offload)."),
+    model_sha256: Optional[str] = typer.Option(None, "--model-sha256", help="With --ray: the manifest.json sha256 every "
+                                               "worker must have (default: the driver's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
 ):
-    """Caption many images with one loaded model; resumable, bad images recorded once."""
+    """Caption many images with one loaded model (or a Ray cluster of them); resumable, exactly one
+    line per image, bad images recorded once."""
     from .runtime.caption import caption_images, collect_images
     with _errors():
         files = collect_images(inputs, IMAGE_SUFFIXES)
-        session = _load_chat(model, quant, ctx, threads, gpu_layers, vram, None, None, verbose)
-        with session, Progress(TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                               console=err, transient=True, disable=not err.is_terminal) as bar:
-            task = bar.add_task("captioning", total=len(files))
-            summary = caption_images(session, files, prompt, out_file, max_tokens=max_tokens, retry_failed=retry_failed,
-                                     on_image=lambda record: bar.advance(task))
-    err.print(f"{summary['captioned']} captioned, {summary['skipped']} already done, {summary['failed']} failed "
-              f"→ {out_file}")
+        columns = (TextColumn("captioning"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+            task = bar.add_task("captioning", total=len(files), rate="")
+            if ray_address is not None:
+                from .runtime.ray_caption import caption_with_ray
+                folder = model or default_model_folder(quant)
+
+                def progress(p):
+                    bar.update(task, advance=1, rate=f"{p['images_per_s']:.2f} img/s, {p['failed']} failed")
+                summary = caption_with_ray(folder, files, prompt, out_file,
+                                           address=None if ray_address == "local" else ray_address, workers=workers,
+                                           cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, quant=quant,
+                                           n_ctx=ctx, max_tokens=max_tokens, retry_failed=retry_failed,
+                                           expected_sha256=model_sha256, on_progress=progress)
+            else:
+                session = _load_chat(model, quant, ctx, threads, gpu_layers, vram, None, None, verbose)
+                with session:
+                    summary = caption_images(session, files, prompt, out_file, max_tokens=max_tokens,
+                                             retry_failed=retry_failed, on_image=lambda record: bar.advance(task))
+    if as_json:
+        say(json.dumps({**summary, "out": str(out_file)}))
+    else:
+        err.print(f"{summary['captioned']} captioned, {summary['skipped']} already done, {summary['failed']} failed "
+                  f"→ {out_file}")
 
 
 # -- plan ------------------------------------------------------------------------------------------

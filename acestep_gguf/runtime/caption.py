@@ -74,9 +74,9 @@ def _is_error_for(line: str, images: set[str]) -> bool:
     return isinstance(record, dict) and "error" in record and record.get("image") in images
 
 
-def caption_images(chat, files: list[Path], prompt: str, out_file: Path, max_tokens: int = 256,
-                   retry_failed: bool = False, on_image: Callable[[dict], None] = lambda record: None) -> dict:
-    """Append {"image", "text", ...} or {"image", "error"} per image; each image starts a fresh conversation."""
+def pending(files: list[Path], out_file: Path, retry_failed: bool = False) -> tuple[list[Path], int]:
+    """(images still to caption, how many are already done); with ``retry_failed`` the error lines of
+    the failed ones are removed first, so that each image keeps exactly one line."""
     out_file.parent.mkdir(parents=True, exist_ok=True)
     records = read_records(out_file)
     captioned = {r["image"] for r in records if "text" in r}
@@ -84,27 +84,50 @@ def caption_images(chat, files: list[Path], prompt: str, out_file: Path, max_tok
     retry = {str(p) for p in files} & failed if retry_failed else set()
     if retry:
         _rewrite_without(out_file, retry)
-    summary = {"captioned": 0, "skipped": 0, "failed": 0}
-    fd = os.open(out_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    todo = [p for p in files if str(p) not in captioned and (str(p) not in failed or str(p) in retry)]
+    return todo, len(files) - len(todo)
+
+
+def caption_one(chat, path, prompt: str, max_tokens: int) -> dict:
+    """One image's record: {"image", "text", ...} or {"image", "error"}; a fresh conversation each time."""
+    key = str(path)
+    chat.reset()
     try:
-        for path in files:
-            key = str(path)
-            if key in captioned or (key in failed and key not in retry):
-                summary["skipped"] += 1
-                on_image({"image": key, "skipped": True})
-                continue
-            chat.reset()
-            try:
-                text = chat.ask(prompt, [path], max_tokens=max_tokens)
-                t = chat.last_turn
-                record = {"image": key, "text": text.strip(), "prompt": prompt,
-                          "completion_tokens": t.completion_tokens, "finish_reason": t.finish_reason}
-                summary["captioned"] += 1
-            except AcestepGGUFError as e:
-                record = {"image": key, "error": str(e)}
-                summary["failed"] += 1
-            os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))  # one whole line
+        text = chat.ask(prompt, [path], max_tokens=max_tokens)
+    except AcestepGGUFError as e:
+        return {"image": key, "error": str(e)}
+    t = chat.last_turn
+    return {"image": key, "text": text.strip(), "prompt": prompt, "completion_tokens": t.completion_tokens,
+            "finish_reason": t.finish_reason}
+
+
+class Appender:
+    """The output file, opened for appending: each record goes out in one write() of one whole line."""
+
+    def __init__(self, out_file: Path):
+        self.fd = os.open(out_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict) -> None:
+        os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def caption_images(chat, files: list[Path], prompt: str, out_file: Path, max_tokens: int = 256,
+                   retry_failed: bool = False, on_image: Callable[[dict], None] = lambda record: None) -> dict:
+    """Append one record per image not captioned yet; each image starts a fresh conversation."""
+    todo, skipped = pending(files, out_file, retry_failed)
+    summary = {"captioned": 0, "skipped": skipped, "failed": 0}
+    for _ in range(skipped):
+        on_image({"skipped": True})
+    sink = Appender(out_file)
+    try:
+        for path in todo:
+            record = caption_one(chat, path, prompt, max_tokens)
+            summary["failed" if "error" in record else "captioned"] += 1
+            sink.write(record)
             on_image(record)
     finally:
-        os.close(fd)
+        sink.close()
     return summary
