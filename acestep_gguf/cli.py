@@ -82,6 +82,17 @@ def default_model_folder(quant: str | None = None) -> Path:
         return ensure_demo_model(quant.upper() if quant else None)
 
 
+# Options that chat, serve and caption share: declared once.
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="Converted folder (default: $ACESTEP_GGUF_MODEL, else the demo "
+                            "model, converted on first use).")
+QUANT_OPTION = typer.Option(None, "--quant", help="Language-model type (default: best present; with the demo model, "
+                            "converted on demand).")
+THREADS_OPTION = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
+GPU_LAYERS_OPTION = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers.")
+VRAM_OPTION = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB (default: free VRAM).")
+VERBOSE_OPTION = typer.Option(False, "--verbose", help="Show llama.cpp's own log.")
+
+
 # -- convert ---------------------------------------------------------------------------------------
 class _AmountColumn(ProgressColumn):
     """'1.2/3.4 GB' for byte phases, '12/339 tensors' for quantize phases."""
@@ -139,7 +150,7 @@ def convert(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Quantizer threads (default: all cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="Print errors only."),
-    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Convert a llava-style safetensors checkpoint to GGUF (+ mmproj + manifest.json)."""
     from .convert import convert as run_convert
@@ -177,23 +188,20 @@ def _usage(chat) -> dict:
 @app.command()
 def chat(
     images: List[str] = typer.Argument(None, help="Images for the first message (JPEG, PNG, WEBP)."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted folder (default: $ACESTEP_GGUF_MODEL, "
-                                         "else the demo model, converted on first use)."),
+    model: Optional[Path] = MODEL_OPTION,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this once and exit."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (default: best present; with the "
-                                        "demo model, converted on demand)."),
+    quant: Optional[str] = QUANT_OPTION,
     max_tokens: int = typer.Option(512, "--max-tokens", min=1, help="Longest reply, in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic)."),
     top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Sampling seed (with --temperature > 0)."),
     ctx: int = typer.Option(8192, "--ctx", help="Context length in tokens (at least one image plus a prompt)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
-    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers."),
-    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB (default: "
-                                       "free VRAM)."),
+    threads: Optional[int] = THREADS_OPTION,
+    gpu_layers: str = GPU_LAYERS_OPTION,
+    vram: Optional[str] = VRAM_OPTION,
     as_json: bool = typer.Option(False, "--json", help="With -p: print one JSON object instead of streaming."),
-    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Ask about images: once with -p, or interactively (/help lists the commands; Ctrl-D ends)."""
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
@@ -291,16 +299,16 @@ def _interactive(session, images, sampling):
 # -- serve -----------------------------------------------------------------------------------------
 @app.command()
 def serve(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted folder (default: as for chat)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (default: best present)."),
+    model: Optional[Path] = MODEL_OPTION,
+    quant: Optional[str] = QUANT_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback needs --api-key."),
     port: int = typer.Option(8080, "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' "
                                           "(also from $ACESTEP_GGUF_API_KEY)."),
     ctx: int = typer.Option(8192, "--ctx", help="Context length in tokens."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
-    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers."),
-    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB."),
+    threads: Optional[int] = THREADS_OPTION,
+    gpu_layers: str = GPU_LAYERS_OPTION,
+    vram: Optional[str] = VRAM_OPTION,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where conversation states are kept across "
                                              "restarts (default: the user cache; 'none' keeps them in memory only)."),
     cache_size: str = typer.Option("4GiB", "--cache-size", help="Room for saved conversation states, with a unit."),
@@ -332,14 +340,14 @@ def caption(
     inputs: List[Path] = typer.Argument(..., help="Image files and/or folders (searched for .jpg .png .webp)."),
     prompt: str = typer.Option("Describe this image.", "--prompt", "-p", help="The question asked of every image."),
     out_file: Path = typer.Option(..., "--out", "-o", help="JSON-lines file; images already in it are skipped."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Converted folder (default: as for chat)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (default: best present)."),
+    model: Optional[Path] = MODEL_OPTION,
+    quant: Optional[str] = QUANT_OPTION,
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Longest caption, in tokens."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Try images recorded as failed again."),
     ctx: int = typer.Option(4096, "--ctx", help="Context length in tokens."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
-    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers."),
-    vram: Optional[str] = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB."),
+    threads: Optional[int] = THREADS_OPTION,
+    gpu_layers: str = GPU_LAYERS_OPTION,
+    vram: Optional[str] = VRAM_OPTION,
     ray_address: Optional[str] = typer.Option(None, "--ray", help="Caption on a Ray cluster: 'local' (started for the "
                                               "run), 'auto', or an address such as ray://head:10001."),
     workers: int = typer.Option(2, "--workers", min=1, help="With --ray: actors, each holding one loaded model."),
@@ -348,7 +356,7 @@ def caption(
     model_sha256: Optional[str] = typer.Option(None, "--model-sha256", help="With --ray: the manifest.json sha256 every "
                                                "worker must have (default: the driver's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Caption many images with one loaded model (or a Ray cluster of them); resumable, exactly one
     line per image, bad images recorded once."""
@@ -459,7 +467,7 @@ def demo(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The question (default: a random one)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the drawn picture and question."),
     quant: str = typer.Option("Q8_0", "--quant", help="Demo model type: Q4_K_M, Q5_K_M, Q8_0, F16 or BF16."),
-    verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log."),
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Convert the bundled demo model (once), draw a picture of shapes, and ask about it."""
     from . import demo as demo_lib

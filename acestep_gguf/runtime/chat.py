@@ -39,7 +39,8 @@ from ..templates import PROBES, TemplateFailed, compile_template, probe
 from .generation import SamplingOptions, TurnStats, generate
 from .images import PreparedImage, prepare
 from .kv_session import Cancelled, KVSession, KVSnapshot
-from .model_files import ModelFiles, check_pair, pixel_recipe, read_fields, resolve
+from .gguf_header import read_header
+from .model_files import ModelFiles, check_pair, fields_of, pixel_recipe, resolve
 from .prompt import render_prompt
 from .offload import N_UBATCH, plan_offload
 
@@ -100,8 +101,8 @@ class VisionChat:
         """Open a converted folder (or explicit model/mmproj paths) ready to chat. Both files are
         checked against what llama.cpp will read before llama.cpp sees them."""
         files = resolve(folder, model=model, mmproj=mmproj, quant=quant, mmproj_quant=mmproj_quant)
-        model_fields = read_fields(files.model, "language model")
-        mmproj_fields = read_fields(files.mmproj, "mmproj")
+        headers = read_header(files.model, "language model"), read_header(files.mmproj, "mmproj")  # once per load
+        model_fields, mmproj_fields = fields_of(headers[0]), fields_of(headers[1])
         check_pair(model_fields, mmproj_fields, files)
         recipe = pixel_recipe(mmproj_fields, files.mmproj)
         _check_template(model_fields["tokenizer.chat_template"], files.model, system)
@@ -110,7 +111,7 @@ class VisionChat:
             raise OptionError(f"n_threads {n_threads!r}: a whole number from 1 to 1024")
         offload = None
         if n_gpu_layers == "auto":
-            offload = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx)
+            offload = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx, headers=headers)
             n_gpu_layers = offload.n_gpu_layers
         elif type(n_gpu_layers) is not int or n_gpu_layers < 0:
             raise OptionError(f"n_gpu_layers {n_gpu_layers!r}: 'auto' or a whole number of at least 0")

@@ -24,6 +24,7 @@ SCALARS = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UI
            GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
            GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
 LONG = 1024  # arrays longer than this are counted (and scanned), not decoded
+TOKENS = "tokenizer.ggml.tokens"  # the one string array whose repeated texts matter (llama.cpp aborts)
 MAX_KEY = 1 << 16
 MAX_STRING = 64 << 20
 MAX_ITEMS = 1 << 26  # entries in one metadata array
@@ -37,7 +38,7 @@ class LongArray:
     the first text that occurs twice (llama.cpp aborts on a vocabulary with one)."""
 
     count: int
-    duplicate: str | None = None
+    duplicate: str | None = None  # looked for in the token list only
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,12 @@ class _Parser:
 
     def strings(self, key: str, count: int):
         seen: dict[bytes, int] = {}
-        duplicate, items = None, []
+        duplicate, items, scan = None, [], key == TOKENS
         for i in range(count):
             raw = self.string(f"{key}[{i}]") or f"[EMPTY_{i}]".encode()
             if count <= LONG:
                 items.append(raw.decode("utf-8", errors="replace"))
-            if duplicate is None:
+            if scan and duplicate is None:
                 if raw in seen:
                     duplicate = f"{raw.decode('utf-8', errors='replace')!r} at {seen[raw]} and {i}"
                 seen[raw] = i

@@ -95,10 +95,19 @@ def size_formatter(value: str | int | float | None):
 
 
 def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
-    """Real tensor byte counts from the files (headers only)."""
+    """Real tensor byte counts from the files (headers only, checked first)."""
     lm = read_header(model, "language model")
-    f = fields_of(lm)
-    check_file(f, Path(model), "language")  # every key used below is present, typed and in range
+    check_file(fields_of(lm), Path(model), "language")  # every key used below is present, typed and in range
+    mp = None
+    if mmproj is not None:
+        mp = read_header(mmproj, "mmproj")
+        check_file(fields_of(mp), Path(mmproj), "vision")
+    return shape_from_headers(lm, mp)
+
+
+def shape_from_headers(lm, mp) -> ModelShape:
+    """The planner's view of headers that check_file has accepted."""
+    f = lm.fields
     arch = f["general.architecture"]
     n_layer = int(f[f"{arch}.block_count"])
     layers = [0] * n_layer
@@ -112,10 +121,8 @@ def shape_from_gguf(model: Path, mmproj: Path | None) -> ModelShape:
     n_head, n_embd = int(f[f"{arch}.attention.head_count"]), int(f[f"{arch}.embedding_length"])
     n_vocab = next(t.shape[1] for t in lm.tensors if t.name == "token_embd.weight")
     v = {"bytes": 0, "n_pos": 0, "embd": 0, "ff": 0, "head": 0}
-    if mmproj is not None:
-        mp = read_header(mmproj, "mmproj")
+    if mp is not None:
         g = mp.fields
-        check_file(fields_of(mp), Path(mmproj), "vision")
         family = for_gguf(g, "vision")
         size, patch = int(g["clip.vision.image_size"]), int(g["clip.vision.patch_size"])
         v = {"bytes": sum(t.n_bytes for t in mp.tensors), "n_pos": family.n_vision_positions(size, patch),
@@ -205,8 +212,10 @@ def detect_vram() -> int | None:
         return None
 
 
-def plan_offload(model: Path, mmproj: Path | None, vram=None, n_ctx: int = 8192) -> OffloadPlan:
-    """What n_gpu_layers='auto' uses: the real files, this build's GPU support, the given or free VRAM."""
+def plan_offload(model: Path, mmproj: Path | None, vram=None, n_ctx: int = 8192, *, headers=None) -> OffloadPlan:
+    """What n_gpu_layers='auto' uses: the real files (or their already checked ``headers``, a
+    (language model, mmproj) pair), this build's GPU support, the given or free VRAM."""
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     budget = parse_size(vram) if vram is not None else (detect_vram() or 0) if gpu else 0
-    return plan(shape_from_gguf(Path(model), Path(mmproj) if mmproj else None), budget, n_ctx, gpu)
+    shape = shape_from_headers(*headers) if headers else shape_from_gguf(Path(model), Path(mmproj) if mmproj else None)
+    return plan(shape, budget, n_ctx, gpu)
