@@ -266,3 +266,34 @@ def test_a_client_that_disconnects_mid_stream_frees_the_server(endless, noise_im
         assert s.stats()["requests"] == 2
     finally:
         s.stop()
+
+
+def test_a_client_that_gives_up_while_waiting_never_cancels_the_one_being_served(endless):
+    s = Server(endless, "--ctx", "32768", quant="F16")
+    try:
+        served = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
+        body = {"model": "endless", "stream": True, "max_tokens": 30000, "messages": [user("Tell me everything.")]}
+        served.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = served.getresponse()
+        seen = b""
+        while seen.count(b"data:") < 5:
+            seen += response.read1(4096)
+        waiting = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        waiting.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                        body=json.dumps({"model": "endless", "messages": [user("Me too?")], "max_tokens": 3}))
+        deadline = time.time() + 30
+        while s.stats()["waiting"] != 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert s.stats()["waiting"] == 1
+        waiting.close()  # this app gives up before its turn comes
+        seen += response.read()
+        events = [json.loads(line[6:]) for line in seen.decode().splitlines() if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"  # not cancelled by the other client
+        assert sum(1 for e in events if e["choices"][0]["delta"].get("content")) > 0
+        deadline = time.time() + 30
+        while s.stats()["dropped"] != 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert s.stats() | {"images_encoded": None, "state_cache": None} == {
+            "requests": 1, "waiting": 0, "dropped": 1, "images_encoded": None, "state_cache": None}
+    finally:
+        s.stop()

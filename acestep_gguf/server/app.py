@@ -122,18 +122,18 @@ async def prepared(engine: Engine, messages: list[dict], settings: Settings) -> 
         raise RequestError(400, str(e), "messages", "invalid_image") from None
 
 
-async def watch_disconnect(request: Request, engine: Engine, done: asyncio.Event) -> None:
-    """A non-streaming client that goes away cancels its generation."""
+async def watch_disconnect(request: Request, result: Result, done: asyncio.Event) -> None:
+    """A non-streaming client that goes away gives up its request (its generation, or its place in line)."""
     while not done.is_set():
         if await request.is_disconnected():
-            engine.chat.cancel()
+            result.abandon()
             return
         await asyncio.sleep(0.2)
 
 
 async def collect(request: Request, engine: Engine, messages, sampling) -> Result:
     result, done = Result(), asyncio.Event()
-    watcher = asyncio.create_task(watch_disconnect(request, engine, done))
+    watcher = asyncio.create_task(watch_disconnect(request, result, done))
     try:
         async for _ in engine.generate(messages, sampling, result):
             pass
@@ -150,7 +150,8 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
         return JSONResponse({"status": "ok", "model": name})
 
     async def stats(request: Request):
-        return JSONResponse({"requests": engine.requests, "images_encoded": engine.chat.images_encoded_total,
+        return JSONResponse({"requests": engine.requests, "waiting": engine.waiting, "dropped": engine.dropped,
+                             "images_encoded": engine.chat.images_encoded_total,
                              "state_cache": {"entries": len(engine.store.entries), "hits": engine.store.hits,
                                              "misses": engine.store.misses}})
 

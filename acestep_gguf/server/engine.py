@@ -1,7 +1,8 @@
 """One loaded model behind the HTTP APIs: requests run one at a time in arrival order (asyncio's
 lock wakes waiters first come, first served); the generation itself runs in a worker thread and its
-pieces are handed to the event loop. A client that goes away cancels its generation and frees the
-model for the next request.
+pieces are handed to the event loop. A client that goes away cancels its own generation (never
+another's: one still waiting for its turn is just dropped); the model is handed to the next request
+only when the worker thread has really stopped, whatever happens to the request's task.
 
 Stateless clients resend the whole conversation every time. The VisionChat's KV cache already
 reuses whatever prefix it holds; the engine adds (1) other conversations' saved states, swapped in
@@ -26,10 +27,18 @@ MAX_REMEMBERED_REPLIES = 512
 
 @dataclass
 class Result:
-    """What a finished request cost: the turn's stats and the text it produced."""
+    """What a request produced (its text and the turn's stats), and its way to give up."""
 
     text: str = ""
     stats: TurnStats = field(default_factory=TurnStats)
+    abandoned: threading.Event = field(default_factory=threading.Event)
+    running_on: VisionChat | None = None  # set on the event loop while this request's turn runs
+
+    def abandon(self) -> None:
+        """The client went away: stop this request's generation, or never start it. Event loop only."""
+        self.abandoned.set()
+        if self.running_on is not None:
+            self.running_on.cancel()
 
 
 class Engine:
@@ -38,7 +47,9 @@ class Engine:
         self.current_keys: tuple = ()
         self.replies: OrderedDict[str, list[int]] = OrderedDict()
         self._lock: asyncio.Lock | None = None
-        self.requests = 0
+        self.requests = 0  # served (a turn was started for them)
+        self.waiting = 0  # waiting for the model now
+        self.dropped = 0  # given up by their clients before their turn came
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -73,7 +84,10 @@ class Engine:
             self.chat.restore_state(state)
             log.info("restored a saved conversation state (%d cached positions)", len(state.kv.spans))
         self.current_keys = ()  # until this turn ends well, the cache holds no known conversation
-        for piece in self.chat.stream_messages(messages, **sampling):
+        pieces = self.chat.stream_messages(messages, **sampling)
+        if result.abandoned.is_set():  # abandoned after the worker started, before the turn began
+            self.chat.cancel()
+        for piece in pieces:
             result.text += piece
             emit(piece)
         result.stats = self.chat.last_turn
@@ -92,24 +106,46 @@ class Engine:
 
     # -- on the event loop ------------------------------------------------------------------------
     async def generate(self, messages: list[dict], sampling: dict, result: Result):
-        """Yield the reply's pieces; holds the model from the first step to the last."""
-        async with self.lock:
+        """Yield the reply's pieces. The model is this request's from its turn's first step until the
+        worker thread ends; the lock is released by the worker's last act, so a task cancelled in
+        any await (anyio cancels every await of a cancelled scope) cannot hand the model on early."""
+        self.waiting += 1
+        try:
+            await self.lock.acquire()
+        finally:
+            self.waiting -= 1
+        worker = None
+        try:
+            if result.abandoned.is_set():
+                self.dropped += 1
+                return
             self.requests += 1
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue = asyncio.Queue()
 
-            def emit(piece: str) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+            def post(*item) -> None:
+                try:
+                    loop.call_soon_threadsafe(*item)
+                except RuntimeError:  # the loop has closed: the server is stopping, nobody waits
+                    pass
+
+            def hand_on() -> None:
+                result.running_on = None
+                self.lock.release()
 
             def work() -> None:
                 try:
-                    self._run(messages, sampling, emit, result)
-                    loop.call_soon_threadsafe(queue.put_nowait, ("done", None))
+                    self._run(messages, sampling, lambda piece: post(queue.put_nowait, ("piece", piece)), result)
+                    post(queue.put_nowait, ("done", None))
                 except BaseException as e:  # handed to the event loop, raised there
-                    loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+                    post(queue.put_nowait, ("error", e))
+                finally:
+                    post(hand_on)
 
-            worker = threading.Thread(target=work, name="acestep-generate", daemon=True)
-            worker.start()
+            result.running_on = self.chat
+            thread = threading.Thread(target=work, name="acestep-generate", daemon=True)
+            thread.start()
+            worker = thread
             try:
                 while True:
                     kind, value = await queue.get()
@@ -121,8 +157,11 @@ class Engine:
                         break
             finally:
                 if worker.is_alive():  # the client went away (or the server stops): stop generating
-                    self.chat.cancel()
-                    await asyncio.to_thread(worker.join)
+                    result.abandon()
+        finally:
+            if worker is None:  # no turn was started: the model is free at once
+                result.running_on = None
+                self.lock.release()
 
     def close(self) -> None:
         """Keep the conversation the cache holds for the next start, then free the model."""
