@@ -148,6 +148,9 @@ def convert(
     name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files (default: source name)."),
     force: bool = typer.Option(False, "--force", help="Redo outputs even when the manifest says they match."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Quantizer threads (default: all cores)."),
+    via_llama_quantize: bool = typer.Option(False, "--via-llama-quantize", help="Write a lossless GGUF first and run "
+                                            "llama.cpp's quantizer on it (the same files; slower, and needs "
+                                            "temporary disk the size of the model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="Print errors only."),
     verbose: bool = VERBOSE_OPTION,
@@ -156,7 +159,7 @@ def convert(
     from .convert import convert as run_convert
     with _errors(), _RichConvertProgress(err.is_terminal and not quiet and not as_json, not quiet and not as_json) as p:
         manifest = run_convert(source, out=out_dir, quant=quant, mmproj_quant=mmproj_quant, name=name, force=force,
-                               threads=threads, verbose=verbose, progress=p)
+                               threads=threads, verbose=verbose, progress=p, via_llama_quantize=via_llama_quantize)
     if as_json:
         say(manifest.to_json(), end="")
     elif not quiet:

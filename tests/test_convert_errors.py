@@ -186,16 +186,19 @@ def test_a_failed_rerun_keeps_existing_outputs(tmp_path, fresh_checkpoint):
     assert digest(out) == before
 
 
-def test_interrupted_quantization_leaves_nothing_behind(tmp_path, fresh_checkpoint, monkeypatch):
-    from acestep_gguf.convert import pipeline
+@pytest.mark.parametrize("route", ["one pass", "via llama quantize"])
+def test_interrupted_quantization_leaves_nothing_behind(tmp_path, fresh_checkpoint, monkeypatch, route):
+    from acestep_gguf.convert import one_pass, pipeline
 
-    def interrupted(src, dst, *args, **kwargs):
-        dst.write_bytes(b"half a file")
+    def interrupted(*args, **kwargs):  # after some bytes of the output are on disk
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "quantize", interrupted)
+    if route == "one pass":
+        monkeypatch.setattr(one_pass.Quantizer, "rows", interrupted)
+    else:
+        monkeypatch.setattr(pipeline, "quantize", lambda src, dst, *a, **k: dst.write_bytes(b"half") and interrupted())
     out = tmp_path / "out"
-    result = cli("convert", fresh_checkpoint(), "--out", out)
+    result = cli("convert", fresh_checkpoint(), "--out", out, *(["--via-llama-quantize"] if route != "one pass" else []))
     assert result.exit_code == 130 and "interrupted" in result.stderr
     assert not out.exists()  # created by this run, removed again
 

@@ -73,16 +73,31 @@ def digests(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def test_ctrl_c_during_quantization(tmp_path, slow_checkpoint):
-    out = tmp_path / "out"
-    convert(slow_checkpoint, out=out, quant="F16")  # an earlier output that must survive
-    before = digests(out)
-    proc = start("convert", slow_checkpoint, "--out", out, "--quant", "Q4_K_M", "--threads", "1", "--verbose")
+def wait_for_partial(proc, out) -> list[str]:
+    """Until the one-pass writer has started its output (a *.partial file in the folder)."""
+    deadline = time.time() + 60
+    while not list(out.glob("*.gguf.partial")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    return []
+
+
+def wait_for_llama_quantize(proc, out) -> list[str]:
     lines = []
     for raw in proc.stderr:  # wait until llama.cpp's quantizer reports its first tensors
         lines.append(raw.decode(errors="replace"))
         if "[   3/" in lines[-1]:
             break
+    return lines
+
+
+@pytest.mark.parametrize("route,wait", [([], wait_for_partial), (["--via-llama-quantize"], wait_for_llama_quantize)])
+def test_ctrl_c_during_quantization(tmp_path, slow_checkpoint, route, wait):
+    out = tmp_path / "out"
+    convert(slow_checkpoint, out=out, quant="F16")  # an earlier output that must survive
+    before = digests(out)
+    proc = start("convert", slow_checkpoint, "--out", out, "--quant", "Q4_K_M", "--threads", "1", "--verbose", *route)
+    lines = wait(proc, out)
+    assert proc.poll() is None  # still writing when the signals come
     for _ in range(10):
         proc.send_signal(signal.SIGINT)
     _, rest = proc.communicate(timeout=120)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from hostile import read_only_view, tmpfs
 from test_convert_errors import assert_clean_failure, cli
 
@@ -61,11 +63,13 @@ def test_too_little_room_is_said_before_writing(tmp_path, tiny_checkpoint):
         assert_clean_failure(cli("convert", tiny_checkpoint, "--out", small / "o"), "MB free", "needs about")
 
 
-def test_a_disk_that_fills_up_during_quantization_is_named(tmp_path, tiny_checkpoint, monkeypatch):
-    """The lossless intermediate (469 kB) fits, the Q8_0 file after it does not; llama.cpp itself says
+@pytest.mark.parametrize("route,room", [([], "100k"), (["--via-llama-quantize"], "520k")])
+def test_a_disk_that_fills_up_during_quantization_is_named(tmp_path, tiny_checkpoint, monkeypatch, route, room):
+    """One pass: the Q8_0 file (132 kB) does not fit in 100 kB. Via llama.cpp's quantizer: the lossless
+    intermediate (469 kB) fits in 520 kB, the Q8_0 file after it does not, and llama.cpp itself says
     only 'basic_ios::clear: iostream error'. The up-front space check is switched off to get there."""
     monkeypatch.setattr(pipeline, "_check_space", lambda *args: None)
-    with tmpfs(tmp_path / "full", "520k") as full:
-        result = cli("convert", tiny_checkpoint, "--out", full / "o", "--quant", "Q8_0")
+    with tmpfs(tmp_path / "full", room) as full:
+        result = cli("convert", tiny_checkpoint, "--out", full / "o", "--quant", "Q8_0", *route)
         assert_clean_failure(result, "no space left on device while writing tiny-llava-Q8_0.gguf")
         assert not (full / "o").exists() or not list((full / "o").iterdir())

@@ -56,7 +56,8 @@ def _finite(chunk: np.ndarray, dtype: str, scratch: np.ndarray) -> bool:
     return int(out.max()) < infinity
 
 
-def _convert(chunk: np.ndarray, dtype: str, out_type: Q) -> np.ndarray:
+def to_type(chunk: np.ndarray, dtype: str, out_type: Q) -> np.ndarray:
+    """Source elements as a lossless output type (the same type, or F32: both exact)."""
     if SOURCE_TYPE[dtype] == out_type:
         return chunk
     if out_type == Q.F32:
@@ -64,6 +65,26 @@ def _convert(chunk: np.ndarray, dtype: str, out_type: Q) -> np.ndarray:
             return (chunk.astype(np.uint32) << 16).view(np.float32)
         return chunk.astype(np.float32)
     raise ValueError(f"no lossless conversion from {dtype} to {out_type.name}")
+
+
+def source_rows(t: OutTensor, reader: TensorReader, advance: Callable[[int], None]):
+    """The tensor's elements in its source dtype, in whole rows (the last dimension), checked finite
+    and, for rope projections, un-permuted; each chunk valid until the next one is asked for."""
+    row = t.source.shape[-1] if t.source.shape else 1
+    scratch = np.empty(0, dtype=np.uint32)
+    held = []  # a permuted tensor is reordered whole (one projection matrix: bounded by the largest tensor)
+    for chunk in reader.chunks(t.source, row):
+        if scratch.size < chunk.size:
+            scratch = np.empty(chunk.size, dtype=np.uint32)
+        if not _finite(chunk, t.source.dtype, scratch):
+            raise TensorError(f"{t.source.file.name}: tensor {t.source.name!r} contains NaN or Inf values")
+        if t.rope_heads:
+            held.append(chunk.copy())
+        else:
+            yield chunk
+        advance(chunk.nbytes)
+    if t.rope_heads:
+        yield np.ascontiguousarray(unpermute_rope(np.concatenate(held), t.rope_heads, t.source.shape))
 
 
 def write_gguf(path: Path, arch: str, metadata: Sequence[MetadataEntry], tensors: Sequence[OutTensor],
@@ -81,21 +102,10 @@ def write_gguf(path: Path, arch: str, metadata: Sequence[MetadataEntry], tensors
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         fout = writer.fout[0]
-        scratch = np.empty(reader.chunk_bytes // 4, dtype=np.uint32)  # the size of the largest chunk
         for t in tensors:
             writer.write_padding(fout, fout.tell())
-            held = []  # a permuted tensor is reordered whole (one projection matrix: bounded by the largest tensor)
-            for chunk in reader.chunks(t.source):
-                if not _finite(chunk, t.source.dtype, scratch):
-                    raise TensorError(f"{t.source.file.name}: tensor {t.source.name!r} contains NaN or Inf values")
-                if t.rope_heads:
-                    held.append(chunk.copy())
-                else:
-                    fout.write(_convert(chunk, t.source.dtype, t.out_type).data)
-                advance(chunk.nbytes)
-            if t.rope_heads:
-                rows = unpermute_rope(np.concatenate(held), t.rope_heads, t.source.shape)
-                fout.write(_convert(np.ascontiguousarray(rows), t.source.dtype, t.out_type).data)
+            for chunk in source_rows(t, reader, advance):
+                fout.write(to_type(chunk, t.source.dtype, t.out_type).data)
             writer.write_padding(fout, fout.tell())
     finally:
         writer.close()

@@ -1,4 +1,4 @@
-"""Outputs are born as ``*.partial``, re-read and checked with gguf-py, then renamed into place.
+"""Outputs are born as ``*.partial``, their headers re-read and checked, then renamed into place.
 A failed or interrupted run therefore leaves earlier files untouched and no partial file behind."""
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from gguf import GGUFReader
-
-from ..errors import OutputError
+from ..errors import ModelFilesError, OutputError
 from ..manifest import MANIFEST, Manifest, ManifestFile, sha256_of
+from ..runtime.gguf_header import read_header
 
 
 class PartialFiles:
@@ -62,11 +61,12 @@ def remove_stale_partials(folder: Path) -> None:
             pass  # read-only media: nothing of ours can be there to remove
 
 
-def check_space(folder: Path, needed: int) -> None:
+def check_space(folder: Path, needed: int, intermediate: bool = False) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
+        what = "outputs plus a lossless intermediate" if intermediate else "for its outputs"
         raise OutputError(f"{folder}: {_amount(free)} free but this conversion needs about {_amount(needed)} "
-                          "(outputs plus a lossless intermediate); free space or use --out")
+                          f"({what}); free space or use --out")
 
 
 def _amount(n: int) -> str:
@@ -74,25 +74,26 @@ def _amount(n: int) -> str:
 
 
 def verify(path: Path, arch: str, expected: dict[str, tuple[int, ...]]) -> None:
-    """The written file parses, has the right architecture and exactly the planned tensors and shapes
-    (``expected`` in GGUF dimension order)."""
+    """The written file parses (the strict header reader: every tensor's extent within the file),
+    has the right architecture and exactly the planned tensors and shapes (``expected`` in GGUF
+    dimension order). Reads the header only: the vocabulary is scanned, not decoded."""
     try:
-        reader = GGUFReader(path)
-    except Exception as e:
+        header = read_header(path, "written")
+    except ModelFilesError as e:
         raise OutputError(f"{path.name}: written file does not parse as GGUF ({e})") from None
-    field = reader.fields.get("general.architecture")
-    found_arch = field.contents() if field is not None else None
+    found_arch = header.fields.get("general.architecture")
     if found_arch != arch:
         raise OutputError(f"{path.name}: general.architecture is {found_arch!r}, expected {arch!r}")
-    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    shapes = {t.name: tuple(t.shape) for t in header.tensors}
     if shapes != expected:
         wrong = sorted(set(shapes.items()) ^ set(expected.items()))
         raise OutputError(f"{path.name}: tensors differ from the plan (first difference: {wrong[0][0]})")
 
 
-def publish(partial: Path, final: Path, role: str, type_name: str) -> ManifestFile:
-    """Rename a verified partial into place and describe it for the manifest."""
-    entry = ManifestFile(final.name, role, type_name, partial.stat().st_size, sha256_of(partial))
+def publish(partial: Path, final: Path, role: str, type_name: str, sha256: str | None = None) -> ManifestFile:
+    """Rename a verified partial into place and describe it for the manifest (``sha256`` when it was
+    computed while writing)."""
+    entry = ManifestFile(final.name, role, type_name, partial.stat().st_size, sha256 or sha256_of(partial))
     os.replace(partial, final)
     return entry
 

@@ -1,10 +1,15 @@
-"""checkpoint → plan → lossless writers → quantize → outputs: the one driver behind `convert`."""
+"""checkpoint → plan → one pass to every output → verify → publish: the one driver behind `convert`.
+
+By default each role's outputs are written in one pass from the safetensors (one_pass.py). With
+``via_llama_quantize`` the old route is taken instead: a lossless GGUF intermediate, then
+`llama_model_quantize` once per type — the reference the one-pass files are tested against."""
 
 from __future__ import annotations
 
 import errno
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -15,10 +20,12 @@ from ..models.registry import detect
 from .checkpoint import open_checkpoint
 from .gguf_stream import write_gguf
 from .language import language_file
+from .one_pass import write_quantized
 from .outputs import (PartialFiles, check_space, exclusive, publish, remove_stale_partials, still_valid, verify,
                       write_manifest)
 from .plan import make_plan
 from ..quant_types import ALL_QUANTIZED, TYPES, VISION_TYPES
+from ..system import default_threads
 from .quantize import quantize
 from .safetensors_file import TensorReader
 from .vision import vision_file
@@ -52,16 +59,32 @@ def _default_name(source: str, folder: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "model"
 
 
+@dataclass(frozen=True)
+class _Job:
+    """One conversion's settings, checked."""
+
+    types: list[str]
+    mmproj_quant: str
+    threads: int
+    force: bool
+    verbose: bool
+    via_llama_quantize: bool
+    progress: ConvertProgress
+
+
 def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, quant: str | Iterable[str] = "Q4_K_M",
             mmproj_quant: str = "F16", name: str | None = None, force: bool = False, threads: int | None = None,
-            verbose: bool = False, progress: ConvertProgress | None = None) -> Manifest:
-    """Convert a llava-style safetensors checkpoint to GGUF files plus manifest.json; returns the manifest."""
+            verbose: bool = False, progress: ConvertProgress | None = None,
+            via_llama_quantize: bool = False) -> Manifest:
+    """Convert a llava-style safetensors checkpoint to GGUF files plus manifest.json; returns the manifest.
+    ``via_llama_quantize`` writes a lossless intermediate and runs llama.cpp's quantizer on it instead
+    of the one-pass writer (same files, more time and a model's worth of temporary disk)."""
     with interrupts.deferred():  # Ctrl-C is raised at safe points, never inside a llama.cpp callback
         return _convert(source, out, quant, mmproj_quant, name, force, threads, verbose,
-                        progress or ConvertProgress())
+                        progress or ConvertProgress(), via_llama_quantize)
 
 
-def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, progress) -> Manifest:
+def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, progress, via_llama_quantize) -> Manifest:
     types = parse_quant(quant)
     mmproj_quant = mmproj_quant.upper()
     if mmproj_quant not in VISION_TYPES:
@@ -84,26 +107,30 @@ def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, pr
     try:
         with exclusive(folder):
             remove_stale_partials(folder)
-            return _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, threads, verbose,
-                                 progress)
+            job = _Job(types, mmproj_quant, threads or default_threads(), force, verbose, via_llama_quantize, progress)
+            return _convert_into(folder, ckpt, family, plan, name, job)
     except OSError as e:  # disk full, permissions, a file removed under us: name it, no traceback
         if e.errno == errno.EROFS:
             raise OutputError(f"{folder}: Read-only file system (there are outputs to write)") from None
+        if e.errno == errno.ENOSPC and e.filename:
+            writing = Path(e.filename).name.removesuffix(".partial")
+            raise OutputError(f"{folder}: no space left on device while writing {writing}") from None
         raise OutputError(f"{e.filename or folder}: {e.strerror or e}") from None
     finally:
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # a failed first run leaves no trace at all
 
 
-def _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, threads, verbose, progress) -> Manifest:
-
+def _convert_into(folder, ckpt, family, plan, name, job: _Job) -> Manifest:
+    progress = job.progress
     previous = _previous(folder, ckpt.source["fingerprint"])
-    wanted = [("language", t, f"{name}-{t}.gguf") for t in types] + [("vision", mmproj_quant, f"mmproj-{name}-{mmproj_quant}.gguf")]
+    wanted = ([("language", t, f"{name}-{t}.gguf") for t in job.types]
+              + [("vision", job.mmproj_quant, f"mmproj-{name}-{job.mmproj_quant}.gguf")])
     kept: dict[tuple[str, str], ManifestFile] = {}
     todo = []
     for role, t, file in wanted:
         entry = previous.entry(role, t) if previous else None
-        if not force and entry is not None and entry.file == file and still_valid(folder, entry):
+        if not job.force and entry is not None and entry.file == file and still_valid(folder, entry):
             kept[(role, t)] = entry
             progress.file_done(entry, reused=True)
         else:
@@ -113,7 +140,7 @@ def _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, 
     written: dict[tuple[str, str], ManifestFile] = {}
     try:
         if todo:
-            _check_space(folder, plan, todo)
+            _check_space(folder, plan, todo, job.via_llama_quantize)
             with PartialFiles(folder) as partials:
                 # Everything is written and verified as *.partial first; only then is anything renamed,
                 # so a NaN found in the last tensor still leaves the folder as it was.
@@ -121,9 +148,9 @@ def _convert_into(folder, ckpt, family, plan, name, types, mmproj_quant, force, 
                 for role in ("language", "vision"):
                     jobs = [(t, file) for r, t, file in todo if r == role]
                     if jobs:
-                        ready += _produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, progress)
-                for role, type_name, partial, final in ready:
-                    written[(role, type_name)] = entry = publish(partial, final, role, type_name)
+                        ready += _produce(role, jobs, plan, ckpt, name, files, partials, job)
+                for role, type_name, partial, final, digest in ready:
+                    written[(role, type_name)] = entry = publish(partial, final, role, type_name, digest)
                     progress.file_done(entry, reused=False)
     finally:
         files.close()
@@ -146,41 +173,61 @@ def _previous(folder: Path, fingerprint: str) -> Manifest | None:
     return manifest if manifest.source.get("fingerprint") == fingerprint else None
 
 
-def _check_space(folder: Path, plan, todo) -> None:
+def _check_space(folder: Path, plan, todo, intermediate: bool) -> None:
     n_params = {role: sum(p.source.n_elements for p in getattr(plan, role)) for role in ("language", "vision")}
     n_bytes = {role: sum(p.source.nbytes for p in getattr(plan, role)) for role in ("language", "vision")}
-    needed = sum(n_bytes[r] for r in {r for r, _, _ in todo})
-    needed += sum(int(n_params[r] * TYPES[t].bits_per_weight / 8) for r, t, _ in todo)
-    check_space(folder, int(needed * 1.05) + (64 << 20))
+    needed = sum(int(n_params[r] * TYPES[t].bits_per_weight / 8) for r, t, _ in todo)
+    if intermediate:
+        needed += max(n_bytes[r] for r in {r for r, _, _ in todo})  # one role's intermediate at a time
+    check_space(folder, int(needed * 1.05) + (64 << 20), intermediate)
 
 
-def _produce(role, jobs, plan, ckpt, name, files, partials, threads, verbose, progress) -> list:
-    """Write the lossless intermediate of one role, quantize and verify each requested type from it;
-    returns (role, type, partial, final) for publishing."""
+def _produce(role, jobs, plan, ckpt, name, files, partials, job: _Job) -> list:
+    """Write, then verify, every requested type of one role; returns (role, type, partial, final,
+    sha256 or None) for publishing."""
     if role == "language":
         metadata, tensors, _ = language_file(plan, ckpt, name)
-        arch, intermediate = plan.family.gguf_arch, partials.path(f"{name}-lossless.gguf")
+        arch = plan.family.gguf_arch
     else:
         metadata, tensors = vision_file(plan, name)
-        arch, intermediate = "clip", partials.path(f"mmproj-{name}-lossless.gguf")
+        arch = "clip"
     expected = {t.gguf_name: tuple(reversed(t.source.shape)) for t in tensors}
-    progress.phase(f"write {role} (lossless)", sum(t.source.nbytes for t in tensors), "bytes")
     done = 0
 
     def advance(n: int) -> None:
         nonlocal done
         done += n
-        progress.advance(done)
+        job.progress.advance(done)
         interrupts.check()  # a safe point: between two chunks
 
-    write_gguf(intermediate, arch, metadata, tensors, files, advance)
+    if job.via_llama_quantize:
+        written = _via_llama_quantize(role, jobs, arch, metadata, tensors, files, partials, name, job, advance)
+    else:
+        job.progress.phase(f"write {role} ({', '.join(t for t, _ in jobs)})", sum(t.source.nbytes for t in tensors),
+                           "bytes")
+        targets = [(TYPES[t], partials.path(file)) for t, file in jobs]
+        h = plan.hparams
+        written = [(w.path, w.sha256) for w in write_quantized(
+            targets, arch, metadata, tensors, files, n_layer=h["n_layer"],
+            is_70b=role == "language" and plan.family.language.is_70b(h), threads=job.threads, advance=advance)]
     ready = []
+    for (type_name, file), (partial, digest) in zip(jobs, written):
+        verify(partial, arch, expected)
+        ready.append((role, type_name, partial, partial.parent / file, digest))
+    return ready
+
+
+def _via_llama_quantize(role, jobs, arch, metadata, tensors, files, partials, name, job: _Job, advance) -> list:
+    """The reference route: the lossless GGUF, then llama.cpp's quantizer once per type."""
+    intermediate = partials.path(f"{name}-lossless.gguf" if role == "language" else f"mmproj-{name}-lossless.gguf")
+    job.progress.phase(f"write {role} (lossless)", sum(t.source.nbytes for t in tensors), "bytes")
+    write_gguf(intermediate, arch, metadata, tensors, files, advance)
+    written = []
     for type_name, file in jobs:
         partial = partials.path(file)
-        progress.phase(f"quantize {file}", len(tensors), "tensors")
-        quantize(intermediate, partial, type_name, threads=threads, verbose=verbose,
-                 on_tensor=lambda i, n: progress.advance(i))
-        verify(partial, arch, expected)
-        ready.append((role, type_name, partial, partial.parent / file))
+        job.progress.phase(f"quantize {file}", len(tensors), "tensors")
+        quantize(intermediate, partial, type_name, threads=job.threads, verbose=job.verbose,
+                 on_tensor=lambda i, n: job.progress.advance(i))
+        written.append((partial, None))
     intermediate.unlink()  # free its disk space before the next role's intermediate
-    return ready
+    return written

@@ -121,15 +121,19 @@ class TensorReader:
     def chunk_bytes(self) -> int:
         return len(self._buffer)
 
-    def chunks(self, t: SourceTensor):
-        """Yield consecutive views of the tensor's elements (each valid until the next one)."""
+    def chunks(self, t: SourceTensor, row: int = 1):
+        """Yield consecutive views of the tensor's elements (each valid until the next one), each a
+        whole number of ``row``-element rows (one row at least, even if larger than the buffer)."""
         if t.dtype not in NUMPY_VIEW:
             raise TensorError(f"{t.file.name}: tensor {t.name!r} has dtype {t.dtype}; only BF16, F16 and F32 are supported")
         f = self._files.get(t.file)
         if f is None:
             f = self._files[t.file] = open_regular(t.file, CheckpointError, "safetensors file")
         item = ITEM_BYTES[t.dtype]
-        step = len(self._buffer) // item * item
+        unit = item * max(1, row)
+        if unit > len(self._buffer):
+            self._buffer = bytearray(unit)
+        step = len(self._buffer) // unit * unit
         f.seek(t.start)
         view = memoryview(self._buffer)
         for done in range(0, t.nbytes, step):

@@ -10,6 +10,7 @@ GGUF tensor names and metadata keys come from gguf-py's constants."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from gguf import MODEL_TENSOR as MT
 from gguf import TENSOR_NAMES
@@ -171,6 +172,9 @@ class LanguageModel:
     # halves: the q/k projections are stored permuted and must be un-permuted (as llama.cpp's
     # convert_hf_to_gguf.py LlamaModel.permute does). Qwen2 uses NEOX rope in llama.cpp: no permutation.
     rope_permute: bool = False
+    # llama.cpp's model loader calls some models LLM_TYPE_70B (its load_hparams, per architecture);
+    # the _M quantization mixes then give attn_v one step more (convert/tensor_types.py)
+    is_70b: Callable[[dict], bool] = lambda h: False  # noqa: E731
 
 
 @dataclass(frozen=True)
