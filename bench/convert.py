@@ -1,11 +1,15 @@
 """Conversion benchmark: a generated checkpoint with ACE-Step 1.5's real layer shapes (Qwen2.5-32B
-layers, 152064-row vocabulary, ViT-H/14 at 448 px), converted with `acestep-gguf convert --quant Q8_0`.
+layers, 152064-row vocabulary, ViT-H/14 at 448 px; 8.3 GB with --layers 4), converted by
+`acestep-gguf convert` in one pass and `--via-llama-quantize` (lossless intermediate + llama.cpp's
+quantizer), for several --quant and --threads settings, each into a fresh folder.
 
-Reports wall time, input throughput and peak anonymous memory of the converter process (sampled
-from /proc/PID/status every 20 ms), next to a plain sequential read of the same files and
-llama.cpp's quantizer alone on the same lossless intermediate.
+Per run: wall time; peak anonymous memory of the converter process and peak extra disk (bytes in
+the output folder beyond the finished outputs), both sampled every 20 ms; for one pass, the time
+spent inside ggml's quantization kernels (timed around each call in the converter process). Next
+to them: a plain sequential read of the same files (page cache warm, as for the runs).
 
-    python bench/convert.py --layers 4 --work /tmp/acestep-bench      # ~7 GB checkpoint
+    python bench/convert.py --layers 4 --work /tmp/acestep-bench
+    python bench/convert.py --runs one-pass:Q8_0:1,one-pass:Q8_0:2,via:Q8_0:2
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -95,31 +100,43 @@ def write_checkpoint(folder: Path, layers: int, vision_layers: int) -> int:
     return total
 
 
-def peak_anon_kib(pid: int, stop: threading.Event, result: list) -> None:
-    peak = 0
-    while not stop.is_set():
-        try:
-            for line in open(f"/proc/{pid}/status"):
-                if line.startswith("RssAnon:"):
-                    peak = max(peak, int(line.split()[1]))
-        except FileNotFoundError:
-            break
-        time.sleep(0.02)
-    result.append(peak)
+class Sampler:
+    """Peak RssAnon of a process and peak bytes in a folder, every 20 ms."""
+
+    def __init__(self, pid: int, folder: Path):
+        self.pid, self.folder = pid, folder
+        self.anon = self.disk = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for line in open(f"/proc/{self.pid}/status"):
+                    if line.startswith("RssAnon:"):
+                        self.anon = max(self.anon, int(line.split()[1]) * 1024)
+            except FileNotFoundError:
+                pass
+            self.disk = max(self.disk, folder_bytes(self.folder))
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    started = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    stop, peak = threading.Event(), []
-    sampler = threading.Thread(target=peak_anon_kib, args=(proc.pid, stop, peak))
-    sampler.start()
-    code = proc.wait()
-    stop.set()
-    sampler.join()
-    if code != 0:
-        raise SystemExit(f"{cmd} failed with {code}")
-    return time.perf_counter() - started, peak[0] * 1024
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    try:
+        for entry in os.scandir(folder):
+            try:
+                total += entry.stat().st_size
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    return total
 
 
 def read_once(folder: Path) -> float:
@@ -131,50 +148,80 @@ def read_once(folder: Path) -> float:
     return time.perf_counter() - started
 
 
+def child(route: str, quant: str, threads: int, ckpt: Path, out: Path) -> None:
+    """In the measured process: convert, timing each call into ggml's kernels."""
+    from acestep_gguf import convert
+    from acestep_gguf.convert import ggml_kernels
+    spent = [0.0]
+    rows = ggml_kernels.Quantizer.rows
+
+    def timed_rows(self, *args):
+        t = time.perf_counter()
+        try:
+            return rows(self, *args)
+        finally:
+            spent[0] += time.perf_counter() - t
+    ggml_kernels.Quantizer.rows = timed_rows
+    convert(ckpt, out=out, quant=quant, mmproj_quant="F16", name="bench", threads=threads,
+            via_llama_quantize=route == "via")
+    print(json.dumps({"kernel_s": spent[0] if route == "one-pass" else None}))
+
+
+def run(route: str, quant: str, threads: int, ckpt: Path, out: Path) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", f"{route}:{quant}:{threads}", "--work",
+                             str(ckpt.parent)], stdout=subprocess.PIPE, text=True)
+    sampler = Sampler(proc.pid, out)
+    stdout, _ = proc.communicate()
+    sampler.stop()
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{route} {quant} {threads} failed with {proc.returncode}")
+    outputs = folder_bytes(out)
+    return {"route": route, "quant": quant, "threads": threads, "wall_s": wall,
+            "kernel_s": json.loads(stdout.strip().splitlines()[-1])["kernel_s"], "peak_anon_bytes": sampler.anon,
+            "outputs_bytes": outputs, "peak_extra_disk_bytes": sampler.disk - outputs}
+
+
+DEFAULT_RUNS = ("one-pass:Q8_0:1,one-pass:Q8_0:2,via:Q8_0:2,one-pass:Q4_K_M:1,one-pass:Q4_K_M:2,via:Q4_K_M:2,"
+                "one-pass:all:2,via:all:2")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vision-layers", type=int, default=32)
     ap.add_argument("--work", type=Path, default=Path("/tmp/acestep-bench"))
+    ap.add_argument("--runs", default=DEFAULT_RUNS, help="route:quant:threads, comma-separated (route: one-pass or via)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     ckpt, out = args.work / "ckpt", args.work / "out"
+    if args.child:
+        route, quant, threads = args.child.split(":")
+        return child(route, quant, int(threads), ckpt, out)
     if not (ckpt / "config.json").exists():
         t = time.perf_counter()
         size = write_checkpoint(ckpt, args.layers, args.vision_layers)
         print(f"generated {size / 1e9:.2f} GB checkpoint in {time.perf_counter() - t:.0f}s", flush=True)
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     largest = max(int(np.prod(s)) for s in tensor_shapes(args.layers, args.vision_layers).values())
-    reads = [read_once(ckpt) for _ in range(2)]
-    convert_s, peak = timed([sys.executable, "-m", "acestep_gguf", "convert", str(ckpt), "--out", str(out),
-                             "--quant", "Q8_0", "--force", "--quiet"])
-    # the quantizer alone, on the same lossless intermediate
-    from acestep_gguf.convert import pipeline
-    from acestep_gguf.convert.checkpoint import open_checkpoint
-    from acestep_gguf.convert.gguf_stream import write_gguf
-    from acestep_gguf.convert.language import language_file
-    from acestep_gguf.convert.plan import make_plan
-    from acestep_gguf.convert.quantize import quantize
-    from acestep_gguf.convert.safetensors_file import TensorReader
-    from acestep_gguf.convert.vision import vision_file
-    c = open_checkpoint(ckpt)
-    plan = make_plan(c, pipeline.detect(c.config))
-    write_s = quant_s = 0.0
-    for arch, (meta, tensors), target in (("qwen2", language_file(plan, c, "bench")[:2], "Q8_0"),
-                                          ("clip", vision_file(plan, "bench"), "F16")):
-        lossless = args.work / "lossless.gguf"
-        t = time.perf_counter()
-        write_gguf(lossless, arch, meta, tensors, TensorReader())
-        write_s += time.perf_counter() - t
-        t = time.perf_counter()
-        quantize(lossless, args.work / "q.gguf", target)
-        quant_s += time.perf_counter() - t
-        lossless.unlink()
-        (args.work / "q.gguf").unlink()
-    result = {"checkpoint_bytes": size, "largest_tensor_elements": largest, "read_once_s": min(reads),
-              "convert_s": convert_s, "convert_gb_per_s": size / convert_s / 1e9, "peak_anon_bytes": peak,
-              "peak_goal_bytes": 8 * largest + 600_000_000, "lossless_write_s": write_s,
-              "llama_quantize_alone_s": quant_s, "threads": os.cpu_count()}
-    print(json.dumps(result, indent=1))
+    read_s = min(read_once(ckpt) for _ in range(2))
+    print(f"checkpoint {size / 1e9:.2f} GB, largest tensor {largest / 1e6:.1f} M elements, read once {read_s:.1f} s, "
+          f"{os.cpu_count()} cores", flush=True)
+    print("| route | --quant | threads | wall s | kernels s | wall / (read + kernels) | peak anon memory | "
+          "peak extra disk | outputs |", flush=True)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    for spec in args.runs.split(","):
+        route, quant, threads = spec.split(":")
+        r = run(route, quant, int(threads), ckpt, out)
+        kernels = f"{r['kernel_s']:.1f}" if r["kernel_s"] is not None else "-"
+        ratio = f"{r['wall_s'] / (read_s + r['kernel_s']):.2f}" if r["kernel_s"] is not None else "-"
+        print(f"| {route} | {quant} | {threads} | {r['wall_s']:.1f} | {kernels} | {ratio} | "
+              f"{r['peak_anon_bytes'] / 1e9:.2f} GB | {r['peak_extra_disk_bytes'] / 1e9:.2f} GB | "
+              f"{r['outputs_bytes'] / 1e9:.2f} GB |", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

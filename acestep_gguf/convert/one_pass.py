@@ -10,6 +10,8 @@ to the end (its gguf_set_val_* removes a key and appends it), the tensors in its
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,7 +24,7 @@ from gguf.gguf_writer import WriterState
 from ..models.spec import MetadataEntry
 from ..quant_types import QuantType, tensor_bytes
 from .ggml_kernels import Quantizer
-from .gguf_stream import OutTensor, source_rows, to_type
+from .gguf_stream import OutTensor, Scratch, source_rows, to_type
 from .safetensors_file import TensorReader
 from .tensor_types import TensorInfo, choose_types, quantizer_order
 
@@ -70,6 +72,42 @@ class Written:
     sha256: str
 
 
+class _BackgroundWrites:
+    """Hashing and writing in a thread of their own (both release the GIL), in order, while the
+    next slab is read and quantized; at most a few slabs wait, so memory stays bounded."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="gguf-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    item[0].write(item[1])
+                except BaseException as e:  # handed to the main thread at its next put or at finish
+                    self._error = e
+
+    def put(self, out: "_Output", data) -> None:
+        self._raise()
+        self._queue.put((out, data))
+
+    def finish(self) -> None:
+        """Wait for every write; raise the first error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
 class _Output:
     def __init__(self, quant: QuantType, path: Path, arch: str, metadata: Sequence[MetadataEntry],
                  tensors: Sequence[OutTensor], types: Sequence[Q]):
@@ -90,9 +128,21 @@ class _Output:
         self.writer.write_header_to_file()
         self.writer.write_kv_data_to_file()
         self.writer.write_ti_data_to_file()
+        self.queued = self.file.size
 
-    def pad(self) -> None:
-        self.writer.write_padding(self.file, self.file.tell())
+    def send(self, writes: _BackgroundWrites, data) -> None:
+        self.queued += memoryview(data).nbytes
+        writes.put(self, data)
+
+    def send_padding(self, writes: _BackgroundWrites) -> None:
+        """The zeros that align the next tensor (what is queued counts as written)."""
+        pad = -self.queued % self.writer.data_alignment
+        if pad:
+            self.send(writes, bytes(pad))
+
+    def write(self, data) -> None:
+        """In the writer thread, in order."""
+        self.file.write(data)
 
     def close(self, quietly: bool = False) -> None:
         try:
@@ -117,6 +167,8 @@ def write_quantized(targets: Sequence[tuple[QuantType, Path]], arch: str, metada
     by_name = {t.gguf_name: t for t in tensors}
     ordered = [by_name[n] for n in quantizer_order(list(by_name))]
     outputs: list[_Output] = []
+    writes = _BackgroundWrites()
+    scratch = Scratch()
     try:
         for quant, path in targets:
             outputs.append(_Output(quant, path, arch, metadata, ordered,
@@ -124,24 +176,30 @@ def write_quantized(targets: Sequence[tuple[QuantType, Path]], arch: str, metada
         with Quantizer(threads) as quantizer:
             for t in ordered:
                 for out in outputs:
-                    out.pad()
+                    out.send_padding(writes)
                 n_per_row = t.source.shape[-1] if t.source.shape else 1
                 for chunk in source_rows(t, reader, advance):
-                    lossless = to_type(chunk, t.source.dtype, t.out_type)
                     rows = None
                     for out in outputs:
                         q = out.types[t.gguf_name]
                         if q == t.out_type:  # llama.cpp copies a tensor already in its target type
-                            out.file.write(lossless.data)
+                            # a copy: the source chunk's buffer is reused by the next read
+                            out.send(writes, to_type(chunk, t.source.dtype, t.out_type).tobytes())
                             continue
                         if rows is None:  # what llama.cpp dequantizes the lossless tensor to: exact
-                            rows = np.ascontiguousarray(to_type(chunk, t.source.dtype, Q.F32).reshape(-1, n_per_row))
-                        out.file.write(quantizer.rows(q, rows, t.gguf_name).data)
+                            rows = to_type(chunk, t.source.dtype, Q.F32, scratch.at_least(chunk.size))
+                            rows = rows.reshape(-1, n_per_row)
+                        out.send(writes, quantizer.rows(q, rows, t.gguf_name))
                 for out in outputs:
-                    out.pad()
+                    out.send_padding(writes)
+        writes.finish()
     except BaseException:
+        try:
+            writes.finish()
+        except BaseException:
+            pass  # the first error is the one to report
         for out in outputs:
-            out.close(quietly=True)  # the first error is the one to report
+            out.close(quietly=True)
         raise
     for out in outputs:
         out.close()
