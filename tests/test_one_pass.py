@@ -128,3 +128,17 @@ def test_one_pass_needs_no_temporary_disk(tmp_path, tiny_checkpoint, monkeypatch
                     "mmproj-m-F16.gguf.partial"}
     assert sorted(os.listdir(tmp_path / "out")) == ["m-Q4_K_M.gguf", "m-Q5_K_M.gguf", "m-Q8_0.gguf", "manifest.json",
                                                     "mmproj-m-F16.gguf"]
+
+
+def test_a_value_beyond_f16_is_refused_in_an_f16_output_as_llama_cpp_refuses_it(tmp_path, fresh_checkpoint):
+    """BF16 holds 1e5, F16 does not (its largest value is 65504): llama.cpp's quantizer fails its row
+    validation on the converted F16 tensor; the one-pass writer says which tensor, in one line.
+    Q8_0 stores the same value fine (its scale is an F16 of max/127)."""
+    from test_convert_errors import assert_clean_failure, cli, edit_state
+    ckpt = fresh_checkpoint(dtype=torch.bfloat16)
+    edit_state(ckpt, lambda s: s["language_model.model.layers.1.mlp.up_proj.weight"].__setitem__((3, 5), 1e5))
+    assert_clean_failure(cli("convert", ckpt, "--out", tmp_path / "f16", "--quant", "F16"),
+                         "model.safetensors: tensor 'language_model.model.layers.1.mlp.up_proj.weight'", "do not fit F16", out=tmp_path / "f16")
+    reference = cli("convert", ckpt, "--out", tmp_path / "ref", "--quant", "F16", "--via-llama-quantize")
+    assert reference.exit_code == 1 and "quantizer failed for F16" in reference.stderr
+    assert cli("convert", ckpt, "--out", tmp_path / "q8", "--quant", "Q8_0", "--quiet").exit_code == 0

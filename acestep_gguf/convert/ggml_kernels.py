@@ -63,13 +63,14 @@ class Quantizer:
         self.close()
 
     def rows(self, qtype: Q, rows: np.ndarray, tensor: str) -> np.ndarray:
-        """``rows`` (2-D, float32, C-contiguous) as ``qtype`` bytes, validated as llama.cpp validates them."""
+        """``rows`` (2-D, float32, C-contiguous) as ``qtype`` bytes, validated as llama.cpp validates
+        them; ``tensor`` names the tensor in messages."""
         lib = _library()
         if rows.ndim != 2 or rows.dtype != np.float32 or not rows.flags.c_contiguous:
             raise ValueError("rows must be a C-contiguous 2-D float32 array")
         n_rows, n_per_row = rows.shape
         if n_per_row % block_size(qtype) or lib.ggml_quantize_requires_imatrix(int(qtype)):
-            raise TensorError(f"tensor {tensor!r}: rows of {n_per_row} cannot be stored as {qtype.name}")
+            raise TensorError(f"{tensor}: rows of {n_per_row} cannot be stored as {qtype.name}")
         lib.ggml_quantize_init(int(qtype))  # once, here: its tables are built before any worker starts
         size = row_size(qtype, n_per_row)
         out = np.empty(n_rows * size, dtype=np.uint8)
@@ -86,5 +87,6 @@ class Quantizer:
         if not all(results):
             # what llama.cpp reports as "quantized data validation failed": a value out of the type's
             # range (an F16 overflow), or a non-finite scale
-            raise TensorError(f"tensor {tensor!r}: its values do not fit {qtype.name} (out of range after conversion)")
+            raise TensorError(f"{tensor}: its values do not fit {qtype.name} (out of range after conversion); "
+                              "choose another --quant")
         return out

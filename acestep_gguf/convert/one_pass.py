@@ -189,7 +189,8 @@ def write_quantized(targets: Sequence[tuple[QuantType, Path]], arch: str, metada
                         if rows is None:  # what llama.cpp dequantizes the lossless tensor to: exact
                             rows = to_type(chunk, t.source.dtype, Q.F32, scratch.at_least(chunk.size))
                             rows = rows.reshape(-1, n_per_row)
-                        out.send(writes, quantizer.rows(q, rows, t.gguf_name))
+                        what = f"{t.source.file.name}: tensor {t.source.name!r} ({t.gguf_name})"
+                        out.send(writes, quantizer.rows(q, rows, what))
                 for out in outputs:
                     out.send_padding(writes)
         writes.finish()
