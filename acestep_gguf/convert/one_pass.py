@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, Keys
+from gguf import GGML_QUANT_VERSION, GGUFWriter, Keys
 from gguf import GGMLQuantizationType as Q
 from gguf.gguf_writer import WriterState
 
