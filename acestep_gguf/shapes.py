@@ -1,21 +1,31 @@
 """The demo task: pictures of identical solid shapes, and plain-English questions with checkable answers.
 
-Pictures come in any size and aspect ratio; shapes are kept inside the centred square that a
+The training distribution is deliberately wide, so that the demo model learns shapes rather than one
+drawing program: shapes from 10 % to 90 % of the picture's shorter side, squares and triangles
+upright (as people draw them) or at any rotation, triangles of varied proportions, a lone shape often
+in the centre, colours a little off their pure values, white,
+grey or pale tinted backgrounds, mild blur and JPEG artefacts, any aspect ratio from 1:4 to 4:1, one
+to four shapes that may nearly touch — and pictures with no shape at all (noise, gradients, blank),
+whose honest answer is "I don't see any shapes.". Shapes stay inside the centred square that a
 CLIP-style centre crop keeps, so the answer stays true after pixel preparation."""
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from dataclasses import dataclass
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (235, 200, 20),
            "purple": (140, 40, 170), "orange": (245, 130, 20)}
-BACKGROUNDS = {"white": (255, 255, 255), "light grey": (215, 215, 215)}
+BACKGROUNDS = {"white": (255, 255, 255), "light grey": (215, 215, 215), "pale yellow": (250, 244, 214),
+               "pale blue": (222, 234, 250), "pale pink": (250, 226, 232)}
 NUMBERS = ("zero", "one", "two", "three", "four")
+NO_SHAPES = "I don't see any shapes."
 QUESTIONS = {
     "shape": ("What shape is this?", "What shape is in the picture?", "Which shape do you see?",
               "What kind of shape is shown?"),
@@ -32,10 +42,12 @@ QUESTIONS = {
 class Scene:
     shape: str
     colour: str
-    count: int
+    count: int  # 0: a picture with no shapes
     background: str
 
     def answer(self, kind: str) -> str:
+        if self.count == 0:
+            return NO_SHAPES
         if kind == "shape":
             return f"A {self.shape}."
         if kind == "colour":
@@ -47,49 +59,110 @@ class Scene:
         return f"{article} {self.colour} {noun} on a {self.background} background."
 
 
-def random_scene(rng: random.Random) -> Scene:
-    return Scene(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.randint(1, 3), rng.choice(list(BACKGROUNDS)))
+def random_scene(rng: random.Random, empty: float = 0.0) -> Scene:
+    """A scene; with probability ``empty`` one with no shapes."""
+    count = 0 if rng.random() < empty else rng.randint(1, 4)
+    return Scene(rng.choice(SHAPES), rng.choice(list(COLOURS)), count, rng.choice(list(BACKGROUNDS)))
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    corners = 4 if shape == "square" else 3
-    start = angle + (math.pi / 4 if shape == "square" else -math.pi / 2)
-    return [(cx + r * math.cos(start + 2 * math.pi * k / corners), cy + r * math.sin(start + 2 * math.pi * k / corners))
-            for k in range(corners)]
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple[int, ...]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def _outline(shape: str, rng: random.Random) -> list[tuple[float, float]]:
+    """Corners of a square or a triangle (varied proportions), upright a third of the time (as people
+    draw them) and turned at random otherwise, centred on their bounding box, whose longer side is 1."""
+    turn = 0.0 if rng.random() < 0.35 else rng.uniform(0, 2 * math.pi)
+    if shape == "square":
+        angles = [turn + math.pi / 4 + k * math.pi / 2 for k in range(4)]
+    elif turn == 0.0:  # apex up, base level, of any width
+        half = rng.uniform(0.55, 1.2)
+        angles = None
+        corners = [(0.0, -1.0), (half, 1.0), (-half, 1.0)]
+    else:  # corners spread at least 80 degrees apart around the circle: never a sliver
+        gaps = [rng.uniform(80, 150) for _ in range(2)]
+        angles = [turn, turn + math.radians(gaps[0]), turn + math.radians(gaps[0] + gaps[1])]
+    if angles is not None:
+        corners = [(math.cos(a), math.sin(a)) for a in angles]
+    xs, ys = [x for x, _ in corners], [y for _, y in corners]
+    mx, my, span = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2, max(max(xs) - min(xs), max(ys) - min(ys))
+    return [((x - mx) / span, (y - my) / span) for x, y in corners]
+
+
+def _no_shapes(w: int, h: int, rng: random.Random) -> Image.Image:
+    kind = rng.choice(("noise", "gradient", "blank", "blotches"))
+    if kind == "noise":
+        arr = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        return Image.fromarray(arr)
+    if kind == "gradient":
+        a, b = np.array(_jitter((128, 128, 128), rng, 127)), np.array(_jitter((128, 128, 128), rng, 127))
+        t = np.linspace(0, 1, w if rng.random() < 0.5 else h)
+        line = (a[None] * (1 - t[:, None]) + b[None] * t[:, None]).astype(np.uint8)
+        arr = np.broadcast_to(line[None], (h, w, 3)) if len(t) == w else np.broadcast_to(line[:, None], (h, w, 3))
+        return Image.fromarray(np.ascontiguousarray(arr))
+    img = Image.new("RGB", (w, h), _jitter((200, 200, 200), rng, 55))
+    if kind == "blotches":  # soft texture, nothing with an outline
+        small = np.random.default_rng(rng.randrange(1 << 30)).integers(90, 256, (4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+    return img
 
 
 def draw(scene: Scene, rng: random.Random, size: tuple[int, int] | None = None, max_short: int = 320) -> Image.Image:
-    """The scene as an RGB picture of ``size`` (random size and aspect ratio when None)."""
+    """The scene as an RGB picture of ``size`` (random size and aspect ratio from 1:4 to 4:1 when None)."""
     if size is None:
         short = rng.randint(56, max_short)
-        long = int(short * rng.uniform(1.0, 1.6))
+        long = int(short * math.exp(rng.uniform(0, math.log(4))))
         size = (long, short) if rng.random() < 0.5 else (short, long)
     w, h = size
+    if scene.count == 0:
+        return _no_shapes(w, h, rng)
     scale = 3  # draw large, then downsample: smooth edges at any size
-    img = Image.new("RGB", (w * scale, h * scale), BACKGROUNDS[scene.background])
+    img = Image.new("RGB", (w * scale, h * scale), _jitter(BACKGROUNDS[scene.background], rng, 6))
     pen = ImageDraw.Draw(img)
     side = min(w, h) * scale
     x0, y0 = (w * scale - side) / 2, (h * scale - side) / 2
-    radius = side * rng.uniform(0.12, 0.17) if scene.count > 1 else side * rng.uniform(0.17, 0.30)
-    centres: list[tuple[float, float]] = []
-    for _ in range(scene.count):
-        for _attempt in range(200):
-            cx = x0 + rng.uniform(radius * 1.1, side - radius * 1.1)
-            cy = y0 + rng.uniform(radius * 1.1, side - radius * 1.1)
-            if all(math.hypot(cx - a, cy - b) > 2.25 * radius for a, b in centres):
+    # each shape's bounding box, as a share of the visible square: one shape 10-90 %, more shapes
+    # smaller so that they fit side by side
+    extent = side * rng.uniform(0.10, {1: 0.90, 2: 0.45, 3: 0.36, 4: 0.31}[scene.count])
+    colour = _jitter(COLOURS[scene.colour], rng, 22)
+    outlines = [None if scene.shape == "circle" else _outline(scene.shape, rng) for _ in range(scene.count)]
+    while True:  # place every shape, apart from the others (they may nearly touch); shrink if they do not fit
+        spans = [(1.0, 1.0) if o is None else (max(x for x, _ in o) - min(x for x, _ in o),
+                                               max(y for _, y in o) - min(y for _, y in o)) for o in outlines]
+        centres: list[tuple[float, float, float]] = []
+        for bw, bh in spans:
+            half_w, half_h, reach = extent * bw / 2, extent * bh / 2, extent * math.hypot(bw, bh) / 2
+            if scene.count == 1 and rng.random() < 0.3:
+                centres.append((x0 + side / 2, y0 + side / 2, reach))  # where people put a lone shape
+                continue
+            for _attempt in range(300):
+                cx, cy = x0 + rng.uniform(half_w, side - half_w), y0 + rng.uniform(half_h, side - half_h)
+                if all(math.hypot(cx - a, cy - b) > 1.02 * (reach + r) for a, b, r in centres):
+                    centres.append((cx, cy, reach))
+                    break
+            else:
                 break
-        centres.append((cx, cy))
-        colour = COLOURS[scene.colour]
-        if scene.shape == "circle":
-            pen.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
+        if len(centres) == scene.count:
+            break
+        extent *= 0.85
+    for outline, (cx, cy, _) in zip(outlines, centres):
+        if outline is None:
+            pen.ellipse([cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2], fill=colour)
         else:
-            pen.polygon(_polygon(scene.shape, cx, cy, radius * (1.15 if scene.shape == "triangle" else 1.0),
-                                 rng.uniform(0, 2 * math.pi)), fill=colour)
-    return img.resize((w, h), Image.Resampling.LANCZOS)
+            pen.polygon([(cx + extent * x, cy + extent * y) for x, y in outline], fill=colour)
+    img = img.resize((w, h), Image.Resampling.LANCZOS)
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    if rng.random() < 0.3:
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=rng.randint(35, 90))
+        img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return img
 
 
-def sample(rng: random.Random, kind: str | None = None, max_short: int = 320) -> tuple[Image.Image, str, str, str]:
+def sample(rng: random.Random, kind: str | None = None, max_short: int = 320,
+           empty: float = 0.0) -> tuple[Image.Image, str, str, str]:
     """(picture, question, answer, question kind)."""
-    scene = random_scene(rng)
+    scene = random_scene(rng, empty)
     kind = kind or rng.choice(list(QUESTIONS))
     return draw(scene, rng, max_short=max_short), rng.choice(QUESTIONS[kind]), scene.answer(kind), kind

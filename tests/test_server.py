@@ -269,10 +269,10 @@ def test_a_client_that_disconnects_mid_stream_frees_the_server(endless, noise_im
 
 
 def test_a_client_that_gives_up_while_waiting_never_cancels_the_one_being_served(endless):
-    s = Server(endless, "--ctx", "32768", quant="F16")
+    s = Server(endless, "--ctx", "16384", quant="F16")
     try:
         served = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
-        body = {"model": "endless", "stream": True, "max_tokens": 30000, "messages": [user("Tell me everything.")]}
+        body = {"model": "endless", "stream": True, "max_tokens": 12000, "messages": [user("Tell me everything.")]}
         served.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
         response = served.getresponse()
         seen = b""
