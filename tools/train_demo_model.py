@@ -1,6 +1,6 @@
 """Train the bundled demo model: ACE-Step 1.5's layout (LlavaForConditionalGeneration: Qwen2 language
 model + CLIP ViT with 14-pixel patches + 2-layer GELU MLP projector, ChatML template), scaled down
-until it trains on 2 CPU cores (13 minutes), on the shapes task in acestep_gguf.shapes: 112-pixel
+until it trains on 2 CPU cores (about 17 minutes), on the shapes task in acestep_gguf.shapes: 112-pixel
 input (8 x 8 patches, so that a shape a tenth of the picture still covers a patch), the wide picture
 distribution of shapes.py, and a training-only probe that asks the vision features for the scene.
 
