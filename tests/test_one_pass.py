@@ -31,16 +31,24 @@ def qwen2(tokenizer, *, hidden, ff, layers, heads, kv_heads, tie=False, vision_w
     return build_model(cfg)
 
 
-CASES = {
+CASES = {  # each with the types its branches give (in m-Q4_K_M.gguf and mmproj-m-Q8_0.gguf): proof they were taken
     # K-quant rows (256), ffn_down rows of 320 (Q4_K/Q5_K/Q6_K fall back to Q5_0/Q5_1/Q8_0), ten
     # layers of the _M mixes' pattern, 4:1 GQA; a 40-wide vision tower whose rows fit no block (F16)
-    "qwen2-k-quants-bf16": dict(build="qwen2", dtype="bfloat16",
-                                kw=dict(hidden=256, ff=320, layers=10, heads=8, kv_heads=2, vision_width=40)),
+    "qwen2-k-quants-bf16": dict(
+        build="qwen2", dtype="bfloat16", kw=dict(hidden=256, ff=320, layers=10, heads=8, kv_heads=2, vision_width=40),
+        language={"output.weight": "Q6_K", "token_embd.weight": "Q4_K", "blk.0.ffn_down.weight": "Q8_0",
+                  "blk.4.ffn_down.weight": "Q5_0", "blk.2.attn_v.weight": "Q4_K", "blk.0.attn_v.weight": "Q6_K",
+                  "blk.0.attn_norm.weight": "F32"},
+        vision={"v.blk.0.attn_q.weight": "F16", "mm.2.weight": "Q8_0", "v.position_embd.weight": "F32"}),
     # tied embeddings: token_embd takes output's rule (rows of 96: Q8_0); an F32 source
-    "qwen2-tied-f32": dict(build="qwen2", dtype="float32", kw=dict(hidden=96, ff=192, layers=3, heads=4, kv_heads=4,
-                                                                     tie=True)),
+    "qwen2-tied-f32": dict(
+        build="qwen2", dtype="float32", kw=dict(hidden=96, ff=192, layers=3, heads=4, kv_heads=4, tie=True),
+        language={"token_embd.weight": "Q8_0", "blk.1.ffn_up.weight": "Q5_0"}, vision={"mm.0.weight": "Q8_0"}),
     # Llama: q/k rows un-permuted for llama.cpp's rope before quantizing; an F16 source; nine layers
-    "llama-rope-f16": dict(build="llama", dtype="float16", kw=dict(hidden=256, ff=512, layers=9, heads=8, kv_heads=2)),
+    "llama-rope-f16": dict(
+        build="llama", dtype="float16", kw=dict(hidden=256, ff=512, layers=9, heads=8, kv_heads=2),
+        language={"blk.0.ffn_down.weight": "Q6_K", "blk.1.ffn_down.weight": "Q4_K", "blk.0.attn_q.weight": "Q4_K"},
+        vision={"v.blk.0.attn_q.weight": "Q8_0"}),
 }
 
 
@@ -79,16 +87,11 @@ def test_one_pass_files_equal_llama_quantize_output(name, tmp_path, tokenizer, s
         same_files(one, ref)
         for f in one.files:  # the manifest's digest, computed while writing, is the file's
             assert hashlib.sha256((tmp_path / f"one-{mmproj}" / f.file).read_bytes()).hexdigest() == f.sha256
-    types = {t.name: t.type.name for t in read_header(tmp_path / "one-Q8_0" / "m-Q4_K_M.gguf").tensors}
-    reached = set(types.values())
-    if name == "qwen2-k-quants-bf16":  # the branches this case exists for were really taken
-        assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0", "F32"} <= reached
-        assert types["output.weight"] == "Q6_K" and types["blk.0.ffn_down.weight"] == "Q8_0"  # Q6_K → Q8_0
-        assert types["blk.4.ffn_down.weight"] == "Q5_0" and types["blk.2.attn_v.weight"] == "Q4_K"
-        mmproj = {t.name: t.type.name for t in read_header(tmp_path / "one-Q8_0" / "mmproj-m-Q8_0.gguf").tensors}
-        assert mmproj["v.blk.0.attn_q.weight"] == "F16" and mmproj["mm.2.weight"] == "Q8_0"
-    if name == "qwen2-tied-f32":
-        assert "output.weight" not in types and types["token_embd.weight"] == "Q8_0"
+    for file, expected in (("m-Q4_K_M.gguf", CASES[name]["language"]), ("mmproj-m-Q8_0.gguf", CASES[name]["vision"])):
+        types = {t.name: t.type.name for t in read_header(tmp_path / "one-Q8_0" / file).tensors}
+        assert {tensor: types.get(tensor) for tensor in expected} == expected, file
+    tied = CASES[name]["kw"].get("tie", False)
+    assert ("output.weight" in {t.name for t in read_header(tmp_path / "one-Q8_0" / "m-Q4_K_M.gguf").tensors}) != tied
 
 
 def test_the_70b_rule_matches_llama_cpp_for_an_80_layer_qwen2(tmp_path, tokenizer):
