@@ -69,21 +69,22 @@ def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int) -> tuple
     return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
 
 
+def _on_circle(angle: float) -> tuple[float, float]:
+    return math.cos(angle), math.sin(angle)
+
+
 def _outline(shape: str, rng: random.Random) -> list[tuple[float, float]]:
     """Corners of a square or a triangle (varied proportions), upright a third of the time (as people
     draw them) and turned at random otherwise, centred on their bounding box, whose longer side is 1."""
     turn = 0.0 if rng.random() < 0.35 else rng.uniform(0, 2 * math.pi)
     if shape == "square":
-        angles = [turn + math.pi / 4 + k * math.pi / 2 for k in range(4)]
+        corners = [_on_circle(turn + math.pi / 4 + k * math.pi / 2) for k in range(4)]
     elif turn == 0.0:  # apex up, base level, of any width
         half = rng.uniform(0.55, 1.2)
-        angles = None
         corners = [(0.0, -1.0), (half, 1.0), (-half, 1.0)]
     else:  # corners spread at least 80 degrees apart around the circle: never a sliver
         gaps = [rng.uniform(80, 150) for _ in range(2)]
-        angles = [turn, turn + math.radians(gaps[0]), turn + math.radians(gaps[0] + gaps[1])]
-    if angles is not None:
-        corners = [(math.cos(a), math.sin(a)) for a in angles]
+        corners = [_on_circle(a) for a in (turn, turn + math.radians(gaps[0]), turn + math.radians(gaps[0] + gaps[1]))]
     xs, ys = [x for x, _ in corners], [y for _, y in corners]
     mx, my, span = (max(xs) + min(xs)) / 2, (max(ys) + min(ys)) / 2, max(max(xs) - min(xs), max(ys) - min(ys))
     return [((x - mx) / span, (y - my) / span) for x, y in corners]
@@ -126,9 +127,9 @@ def draw(scene: Scene, rng: random.Random, size: tuple[int, int] | None = None, 
     extent = side * rng.uniform(0.10, {1: 0.90, 2: 0.45, 3: 0.36, 4: 0.31}[scene.count])
     colour = _jitter(COLOURS[scene.colour], rng, 22)
     outlines = [None if scene.shape == "circle" else _outline(scene.shape, rng) for _ in range(scene.count)]
+    spans = [(1.0, 1.0) if o is None else (max(x for x, _ in o) - min(x for x, _ in o),
+                                           max(y for _, y in o) - min(y for _, y in o)) for o in outlines]
     while True:  # place every shape, apart from the others (they may nearly touch); shrink if they do not fit
-        spans = [(1.0, 1.0) if o is None else (max(x for x, _ in o) - min(x for x, _ in o),
-                                               max(y for _, y in o) - min(y for _, y in o)) for o in outlines]
         centres: list[tuple[float, float, float]] = []
         for bw, bh in spans:
             half_w, half_h, reach = extent * bw / 2, extent * bh / 2, extent * math.hypot(bw, bh) / 2

@@ -268,7 +268,8 @@ def test_a_client_that_disconnects_mid_stream_frees_the_server(endless, noise_im
         s.stop()
 
 
-def test_a_client_that_gives_up_while_waiting_never_cancels_the_one_being_served(endless):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_gives_up_while_waiting_never_cancels_the_one_being_served(endless, stream):
     s = Server(endless, "--ctx", "16384", quant="F16")
     try:
         served = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
@@ -280,7 +281,8 @@ def test_a_client_that_gives_up_while_waiting_never_cancels_the_one_being_served
             seen += response.read1(4096)
         waiting = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
         waiting.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"},
-                        body=json.dumps({"model": "endless", "messages": [user("Me too?")], "max_tokens": 3}))
+                        body=json.dumps({"model": "endless", "messages": [user("Me too?")], "max_tokens": 3,
+                                         "stream": stream}))
         deadline = time.time() + 30
         while s.stats()["waiting"] != 1 and time.time() < deadline:
             time.sleep(0.05)

@@ -42,7 +42,7 @@ class HashingFile:
 
     def write(self, data) -> int:
         self.sha256.update(data)
-        self.size += len(memoryview(data).cast("B"))
+        self.size += memoryview(data).nbytes
         return self._named(self._f.write, data)
 
     def tell(self) -> int:

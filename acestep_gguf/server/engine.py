@@ -112,6 +112,9 @@ class Engine:
         self.waiting += 1
         try:
             await self.lock.acquire()
+        except asyncio.CancelledError:  # a streaming client that went away while waiting
+            self.dropped += 1
+            raise
         finally:
             self.waiting -= 1
         worker = None
