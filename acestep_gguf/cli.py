@@ -137,6 +137,10 @@ class _RichConvertProgress:
             verb = "kept (unchanged)" if reused else "wrote"
             err.print(f"{verb} {entry.file}  ({entry.role}, {entry.type}, {_size(entry.bytes)})")
 
+    def note(self, text: str) -> None:
+        if self.show_lines:
+            note(f"note: {text}", style="yellow")
+
 
 @app.command()
 def convert(

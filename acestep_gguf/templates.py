@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 
 import jinja2
+from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MEDIA_MARKER = "<__media__>"  # mtmd's default marker: where each image goes in the rendered prompt
+PLACEHOLDER_KEY = "acestep_gguf.chat_template.image_placeholder"  # GGUF key: what the stored template writes per picture
 MAX_STEPS = 2_000_000  # Python lines executed while rendering; a real template needs thousands
 MAX_SECONDS = 5.0
 MAX_CHARS = 16 << 20  # of any value built by an operator, and of the rendered text
@@ -51,9 +54,20 @@ class _BudgetedSandbox(ImmutableSandboxedEnvironment):
         return super().call(__context, __obj, *args, **kwargs)
 
 
+class GenerationTag(Extension):
+    """transformers' ``{% generation %}...{% endgeneration %}`` (it marks the assistant's tokens for
+    training masks, llava-hf's templates use it): rendered as its body, as transformers renders it."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def sandbox() -> ImmutableSandboxedEnvironment:
     """The Jinja environment every template is compiled in (llama-cpp-python's settings)."""
-    env = _BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", GenerationTag])
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -114,34 +128,93 @@ def _text(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
+IMAGE_PART = {"type": "image"}  # how transformers' processors hand a picture to a chat template
 _QUESTION = "acestep-gguf probe question"
 _ANSWER = "acestep-gguf probe answer"
 _FOLLOW_UP = "acestep-gguf probe follow-up"
 _SYSTEM = "acestep-gguf probe system"
 # The conversations a template must render, as the runtime passes them (content as a list of parts,
-# images as the media marker): what works when converting then works when chatting.
+# pictures as image parts): what works when converting then works when chatting.
 PROBES = {
-    "an image message": [{"role": "user", "content": [_text(MEDIA_MARKER), _text(_QUESTION)]}],
+    "an image message": [{"role": "user", "content": [IMAGE_PART, _text(_QUESTION)]}],
     "a multi-turn conversation": [
-        {"role": "user", "content": [_text(MEDIA_MARKER), _text(_QUESTION)]},
+        {"role": "user", "content": [IMAGE_PART, _text(_QUESTION)]},
         {"role": "assistant", "content": [_text(_ANSWER)]},
-        {"role": "user", "content": [_text(_FOLLOW_UP)]}],
+        {"role": "user", "content": [IMAGE_PART, _text(_FOLLOW_UP)]}],
     "a system message": [
         {"role": "system", "content": [_text(_SYSTEM)]},
-        {"role": "user", "content": [_text(MEDIA_MARKER), _text(_QUESTION)]}],
+        {"role": "user", "content": [IMAGE_PART, _text(_QUESTION)]}],
 }
 
+# Image placeholders of the templates of GGUF files written elsewhere (llama.cpp's converter keeps
+# the checkpoint's template but not its image token): LLaVA, Qwen2-VL, Pixtral, Llama-3.2-Vision, ...
+KNOWN_PLACEHOLDERS = ("<image>", "<|image_pad|>", "[IMG]", "<|image|>", "<image_placeholder>")
 
-def probe(template: jinja2.Template, which: str, bos_token: str = "<s>", eos_token: str = "</s>") -> None:
-    """Render one probe conversation; TemplateFailed says what went wrong."""
-    messages = PROBES[which]
+
+@dataclass(frozen=True)
+class ImageStyle:
+    """How a template places pictures. ``parts``: it renders each image part as ``placeholder`` (the
+    checkpoint's image token text, as transformers' processors expect) — the runtime replaces that
+    with mtmd's marker. Otherwise (legacy): pictures are handed over as text parts holding the marker,
+    for templates that only print text parts."""
+
+    parts: bool
+    placeholder: str = MEDIA_MARKER
+
+    def content(self, part: dict) -> dict:
+        """What the template sees for one image part."""
+        return dict(IMAGE_PART) if self.parts else _text(MEDIA_MARKER)
+
+
+LEGACY = ImageStyle(parts=False)
+
+
+def probe(template: jinja2.Template, which: str, style: ImageStyle, bos_token: str = "<s>",
+          eos_token: str = "</s>") -> None:
+    """Render one probe conversation; TemplateFailed says what went wrong. Every text part must come
+    out, in order, and exactly one placeholder per picture, each inside its own message."""
+    messages = [{"role": m["role"], "content": [style.content(p) if p["type"] == "image" else p for p in m["content"]]}
+                for m in PROBES[which]]
     text = render(template, messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
-    wanted = [p["text"] for m in messages for p in m["content"]]
-    at = 0
-    for piece in wanted:  # every part, in order: images are markers placed where they appear
-        found = text.find(piece, at)
-        if found < 0:
-            raise TemplateFailed(f"{which} renders without {piece!r} (in order)")
-        at = found + len(piece)
     if "'type'" in text:
         raise TemplateFailed(f"{which} renders the message parts as Python objects")
+    spans = []  # per message: (start of its first text, end of its last text)
+    at = 0
+    for m in PROBES[which]:
+        first = None
+        for piece in (p["text"] for p in m["content"] if p["type"] == "text"):
+            found = text.find(piece, at)
+            if found < 0:
+                raise TemplateFailed(f"{which} renders without {piece!r} (in order)")
+            first = found if first is None else first
+            at = found + len(piece)
+        spans.append((first, at))
+    places = [i for i in range(len(text)) if text.startswith(style.placeholder, i)]
+    owners = [i for i, m in enumerate(PROBES[which]) for p in m["content"] if p["type"] == "image"]
+    if len(places) != len(owners):
+        raise TemplateFailed(f"{which} with {len(owners)} image(s) renders {len(places)} {style.placeholder!r}")
+    for place, owner in zip(places, owners):
+        low = spans[owner - 1][1] if owner else 0
+        high = spans[owner + 1][0] if owner + 1 < len(spans) else len(text)
+        if not low <= place < high:
+            raise TemplateFailed(f"{which} renders an image outside its own message")
+
+
+def check(template: jinja2.Template, style: ImageStyle, skip: tuple = (), **tokens) -> None:
+    """Every probe conversation (but those in ``skip``) renders as ``style`` demands."""
+    for which in PROBES:
+        if which not in skip:
+            probe(template, which, style, **tokens)
+
+
+def image_style(template: jinja2.Template, placeholders: tuple[str, ...], skip: tuple = (), **tokens) -> ImageStyle:
+    """The first style this template renders every probe in: image parts with one of ``placeholders``
+    (tried in order), else pictures as marker text parts. TemplateFailed names the first style's problem."""
+    first = None
+    for style in [ImageStyle(True, p) for p in dict.fromkeys(placeholders)] + [LEGACY]:
+        try:
+            check(template, style, skip, **tokens)
+            return style
+        except TemplateFailed as e:
+            first = first or e
+    raise first

@@ -36,7 +36,7 @@ TEXT_ONLY_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int = 300) -> Tokenizer:
+def build_tokenizer(vocab_size: int = 300, specials: list[str] = SPECIALS) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -45,26 +45,28 @@ def build_tokenizer(vocab_size: int = 300) -> Tokenizer:
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=SPECIALS, show_progress=False)
+                                  special_tokens=specials, show_progress=False)
     tok.train_from_iterator(CORPUS, trainer)
     return tok
 
 
 def tiny_config(tokenizer: Tokenizer, *, n_vocab: int = 320, tie: bool = False, vision_act: str = "gelu",
-                image_size: int = 56, feature_layer: int = -2, text_layers: int = 2, hidden: int = 64) -> LlavaConfig:
+                image_size: int = 56, feature_layer: int = -2, text_layers: int = 2, hidden: int = 64,
+                rope_theta: float = 10_000.0, image_token: str = "<image>") -> LlavaConfig:
     text = Qwen2Config(vocab_size=n_vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                       rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
                        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=tie,
                        eos_token_id=tokenizer.token_to_id("<|im_end|>"), bos_token_id=None)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                               image_size=image_size, patch_size=14, hidden_act=vision_act)
-    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=tokenizer.token_to_id("<image>"),
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=tokenizer.token_to_id(image_token),
                        vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
                        projector_hidden_act="gelu", tie_word_embeddings=tie)
 
 
-# llava-hf/llava-1.5-7b-hf's own chat template: transformers' {% generation %} tag makes it unusable
-# outside transformers, so the converter must fall back to its built-in LLaVA-1.5 template.
+# llava-hf/llava-1.5-7b-hf's own chat template (images first via selectattr, "<image>\n", transformers'
+# {% generation %} tag around replies): kept by the converter and rendered as transformers renders it.
 LLAVA_HF_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
@@ -78,10 +80,12 @@ LLAMA_TOKENIZER_CONFIG = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": 
                           "tokenizer_class": "LlamaTokenizer", "chat_template": LLAVA_HF_TEMPLATE}
 
 
-def tiny_llama_config(tokenizer: Tokenizer, text: str = "llama", n_vocab: int = 32064) -> LlavaConfig:
+def tiny_llama_config(tokenizer: Tokenizer, text: str = "llama", n_vocab: int = 32064,
+                      rope_theta: float = 10_000.0) -> LlavaConfig:
     """LLaVA-1.5 (text='llama') or BakLLaVA (text='mistral') at toy size, with Llama's real vocabulary."""
     kind = {"llama": LlamaConfig, "mistral": MistralConfig}[text]
     extra = {"sliding_window": None} if text == "mistral" else {}
+    extra["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta}
     text_config = kind(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2 if text == "mistral" else 4,
                        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,

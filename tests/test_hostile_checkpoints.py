@@ -101,8 +101,8 @@ def test_index_entries_must_be_bare_file_names(tmp_path, fresh_checkpoint, name)
 
 def test_a_template_that_never_ends_is_replaced_not_hung_on(tmp_path, fresh_checkpoint):
     forever = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
-    assert "steps" in problem(forever)
-    assert "cap" in problem("{{ 'x' * 10000000000 }}")
+    assert "steps" in problem(forever, "<image>")
+    assert "cap" in problem("{{ 'x' * 10000000000 }}", "<image>")
     ckpt = fresh_checkpoint(template=forever)
     result = cli("convert", ckpt, "--out", tmp_path / "o", "--quant", "F16", "--json")
     assert result.exit_code == 0, result.output
@@ -113,7 +113,7 @@ def test_a_template_that_never_ends_is_replaced_not_hung_on(tmp_path, fresh_chec
 
 def test_templates_are_probed_with_system_and_several_turns():
     no_system = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
-                 "{% for p in m['content'] %}{{ p['text'] }}{% endfor %}{% endfor %}")
-    assert problem(no_system) == "no system"
-    first_only = "{{ messages[0]['content'][0]['text'] }}{{ messages[0]['content'][1]['text'] }}"
-    assert "multi-turn" in problem(first_only)
+                 "{% for p in m['content'] %}{{ '<image>' if p.type == 'image' else p['text'] }}{% endfor %}{% endfor %}")
+    assert problem(no_system, "<image>") == "no system"
+    first_only = "<image>{{ messages[0]['content'][1]['text'] }}"
+    assert "multi-turn" in problem(first_only, "<image>")

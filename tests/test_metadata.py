@@ -80,7 +80,8 @@ def test_text_only_template_is_replaced_by_builtin_chatml(tmp_path, fresh_checkp
 def test_template_in_chat_template_jinja_is_found(tmp_path, fresh_checkpoint):
     ckpt = fresh_checkpoint(template=None)
     (ckpt / "chat_template.jinja").write_text("{# transformers 5 file #}" + json.loads(json.dumps(
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for p in m['content'] %}{{ p['text'] }}{% endfor %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for p in m['content'] %}{{ '<image>' if p.type == 'image' "
+            "else p['text'] }}{% endfor %}"
         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")))
     convert(ckpt, out=tmp_path / "o", quant="F16", name="m")
     assert fields(tmp_path / "o" / "m-F16.gguf")["tokenizer.chat_template"].startswith("{# transformers 5 file #}")

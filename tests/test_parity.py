@@ -13,7 +13,7 @@ from acestep_gguf import VisionChat
 from acestep_gguf.runtime.chat import PATCHED_BUILD
 from acestep_gguf.runtime.images import PixelRecipe, prepare
 
-PATCHED = __import__("llama_cpp").__version__.endswith(PATCHED_BUILD)
+PATCHED = PATCHED_BUILD in __import__("llama_cpp").__version__
 needs_patched_build = pytest.mark.skipif(not PATCHED, reason="stock llama-cpp-python: llava image tokens are mis-ordered "
                                          "(llama.cpp#25814); install it with tools/build_llama_cpp.sh")
 

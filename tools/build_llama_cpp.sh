@@ -3,8 +3,13 @@
 # llama.cpp: the llava CLIP graph puts the [CLS] token after the patches while its inputs assume
 # it comes first (ggml-org/llama.cpp#25814, fix proposed in #25844). Unfixed, every llava image is
 # encoded with shifted position embeddings, patch 0 dropped and [CLS] passed to the LLM.
-# The installed version is 0.3.36+acestep.1 (it satisfies ==0.3.36). Pass CMAKE_ARGS for CUDA:
+# The installed version is 0.3.36+acestep.2 (it satisfies ==0.3.36). Pass CMAKE_ARGS for CUDA:
 #   CMAKE_ARGS="-DGGML_CUDA=on" bash tools/build_llama_cpp.sh
+#
+# ggml's AMX kernels are left out (-mno-amx-*): on Xeons with AMX (Sapphire Rapids and later, the
+# machines CI runs on included) the native build of 0.3.36 takes the AMX path for Q8_0/K-quant weights
+# and segfaults in ggml_backend_amx_mul_mat on the first llama_decode. ACESTEP_GGUF_AMX=1 keeps them.
+# (.1 was the same build with AMX; it is rebuilt.)
 #
 # It also keeps llama.cpp's Qwen2 and Llama (SentencePiece) tokenizer test vectors
 # (models/ggml-vocab-{qwen2,llama-spm}.gguf + .inp/.out)
@@ -15,10 +20,11 @@ VERSION=0.3.36
 PY=${PYTHON:-python3}
 DATA="${ACESTEP_GGUF_TEST_DATA:-$HOME/.cache/acestep-gguf/test-data}/llama-cpp-python-$VERSION"
 VOCABS="ggml-vocab-qwen2.gguf ggml-vocab-llama-spm.gguf"
-installed() { "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$VERSION+acestep.1' else 1)" 2>/dev/null; }
+TAG=acestep.2
+installed() { "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$VERSION+$TAG' else 1)" 2>/dev/null; }
 have_data() { for v in $VOCABS; do for s in "" .inp .out; do [ -f "$DATA/$v$s" ] || return 1; done; done; }
 if installed && [ -z "${FORCE:-}" ] && have_data; then
-  echo "llama-cpp-python $VERSION+acestep.1 is already installed (FORCE=1 rebuilds it)"
+  echo "llama-cpp-python $VERSION+$TAG is already installed (FORCE=1 rebuilds it)"
   exit 0
 fi
 work=$(mktemp -d)
@@ -30,13 +36,17 @@ src="$work/llama_cpp_python-$VERSION"
 mkdir -p "$DATA"
 for v in $VOCABS; do for suffix in "" .inp .out; do cp "$src/vendor/llama.cpp/models/$v$suffix" "$DATA/"; done; done
 if installed && [ -z "${FORCE:-}" ]; then
-  echo "llama-cpp-python $VERSION+acestep.1 is already installed; tokenizer test data kept in $DATA"
+  echo "llama-cpp-python $VERSION+$TAG is already installed; tokenizer test data kept in $DATA"
   exit 0
 fi
 graph="$src/vendor/llama.cpp/tools/mtmd/models/llava.cpp"
 grep -q 'ggml_concat(ctx0, inp, model.class_embedding, 1)' "$graph" || { echo "llava.cpp has changed: patch no longer applies" >&2; exit 1; }
 sed -i 's/ggml_concat(ctx0, inp, model.class_embedding, 1)/ggml_concat(ctx0, model.class_embedding, inp, 1)/' "$graph"
-sed -i "s/^__version__ = \"$VERSION\"/__version__ = \"$VERSION+acestep.1\"/" "$src/llama_cpp/__init__.py"
-echo "building llama-cpp-python $VERSION+acestep.1 (about 5 minutes on 2 cores)"
+sed -i "s/^__version__ = \"$VERSION\"/__version__ = \"$VERSION+$TAG\"/" "$src/llama_cpp/__init__.py"
+echo "building llama-cpp-python $VERSION+$TAG (about 5 minutes on 2 cores)"
+if [ -z "${ACESTEP_GGUF_AMX:-}" ]; then
+  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  export CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_C_FLAGS='$noamx' -DCMAKE_CXX_FLAGS='$noamx'"
+fi
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} "$PY" -m pip install -q "$src"
 "$PY" -c "import llama_cpp; print('installed llama-cpp-python', llama_cpp.__version__)"

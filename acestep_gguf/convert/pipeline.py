@@ -38,6 +38,7 @@ class ConvertProgress:
     def phase(self, name: str, total: int, unit: str) -> None: ...
     def advance(self, completed: int) -> None: ...
     def file_done(self, entry: ManifestFile, reused: bool) -> None: ...
+    def note(self, text: str) -> None: ...
 
 
 def parse_quant(quant: str | Iterable[str]) -> list[str]:
@@ -186,8 +187,10 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, job: _Job) -> list:
     """Write, then verify, every requested type of one role; returns (role, type, partial, final,
     sha256 or None) for publishing."""
     if role == "language":
-        metadata, tensors, _ = language_file(plan, ckpt, name)
+        metadata, tensors, notes = language_file(plan, ckpt, name)
         arch = plan.family.gguf_arch
+        for text in notes:
+            job.progress.note(text)
     else:
         metadata, tensors = vision_file(plan, name)
         arch = "clip"

@@ -16,6 +16,7 @@ from gguf import GGUFValueType as T
 from gguf import TokenType
 
 from ..errors import ConfigError
+from ..models.fields import MAX_VOCAB, Fields
 from ..models.spec import MetadataEntry
 
 # The split regex of Qwen2's tokenizer.json; llama.cpp's 'qwen2' pre-tokenizer implements exactly this.
@@ -180,3 +181,17 @@ def _special_id(role: str, key: str | None, tok_config: dict, text_config: dict,
     if not 0 <= value < n_vocab:
         raise ConfigError(f"config.json: {key} {value} is not a token id (0..{n_vocab - 1})")
     return value
+
+
+def image_placeholder(tok: dict, config: dict) -> str | None:
+    """The text of the checkpoint's image token (``image_token_index``, transformers 5's
+    ``image_token_id``; LlavaConfig's default 32000): what its chat template writes per picture."""
+    top = Fields(config, "config.json")
+    key = "image_token_id" if "image_token_id" in config else "image_token_index"
+    token_id = top.integer(key, 0, MAX_VOCAB, 32000)
+    model = tok.get("model") if isinstance(tok.get("model"), dict) else {}
+    for added in tok.get("added_tokens") or []:
+        if isinstance(added, dict) and added.get("id") == token_id and isinstance(added.get("content"), str):
+            return added["content"]
+    vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
+    return next((text for text, i in vocab.items() if i == token_id), None)

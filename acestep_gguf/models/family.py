@@ -18,8 +18,10 @@ from gguf import GGUFValueType as T
 from gguf import Keys
 
 from ..errors import ConfigError
-from .fields import MAX_HEADS, MAX_IMAGE, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields
+from ..templates import PLACEHOLDER_KEY
+from .fields import MAX_HEADS, MAX_IMAGE, MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, Fields
 from .spec import Ignored, MetadataEntry, TensorSpec, expand
+from .text_hparams import text_hparams
 from .tokenizers import TOKENIZER_KEYS
 
 
@@ -153,6 +155,7 @@ def _language_keys(arch: str) -> dict:
         Keys.Rope.FREQ_BASE: (F32, None, False, (1.0, 1e12)),
     }
     return {Keys.General.ARCHITECTURE: (S, None, True, None), Keys.Tokenizer.CHAT_TEMPLATE: (S, None, True, None),
+            PLACEHOLDER_KEY: (S, None, False, None),
             **{k.format(arch=arch): rule for k, rule in keys.items()}}
 
 
@@ -216,9 +219,9 @@ class Family:
         if vision.data.get("model_type") not in self.vision_model_types:
             raise ConfigError(f"config.json: vision_config.model_type is {vision.data.get('model_type')!r}; only "
                               f"{', '.join(self.vision_model_types)} is supported")
-        text = Fields({**self.language.config_defaults[text.data["model_type"]], **text.data}, text.where)
+        model_type = text.data["model_type"]
         vision = Fields({**CLIP_VISION_DEFAULTS, **vision.data}, vision.where)
-        h = _text_hparams(text, top)
+        h = text_hparams(text, top, model_type, self.language.config_defaults[model_type])
         h.update(_vision_hparams(vision, top, self))
         h.update(_image_preprocessing(Fields(preprocessor, "preprocessor_config.json"), h["v_image"]))
         return h
@@ -356,43 +359,6 @@ def context_length(h: dict) -> int:
         original = int(scaling.get("original_max_position_embeddings", h["max_pos"]))
         return max(h["max_pos"], int(original * float(scaling["factor"])))
     return h["max_pos"]
-
-
-def _rope(text: Fields) -> tuple[float, dict | None]:
-    """rope_theta and rope_scaling from either transformers-4 or transformers-5 (rope_parameters) keys."""
-    params = text.section("rope_parameters", None)
-    theta = text.number("rope_theta", 1.0, 1e12, params.data.get("rope_theta", 10_000.0))
-    scaling = text.data.get("rope_scaling")
-    where = text.section("rope_scaling", None) if scaling is not None else params
-    if scaling is None and params.data.get("rope_type", "default") == "default":
-        return theta, None
-    kind = where.string("rope_type", where.data.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind not in ("yarn", "linear"):
-        raise ConfigError(f"{where.where} type {kind!r} is not supported (yarn, linear)")
-    out = {"type": kind, "factor": where.number("factor", 1.0, 1024.0)}
-    if "original_max_position_embeddings" in where.data:
-        out["original_max_position_embeddings"] = where.integer("original_max_position_embeddings", 1, MAX_POSITIONS)
-    return theta, out
-
-
-def _text_hparams(text: Fields, top: Fields) -> dict:
-    h: dict = {
-        "n_embd": text.integer("hidden_size", 1, MAX_WIDTH), "n_ff": text.integer("intermediate_size", 1, MAX_WIDTH),
-        "n_layer": text.integer("num_hidden_layers", 1, MAX_LAYERS),
-        "n_head": text.integer("num_attention_heads", 1, MAX_HEADS), "n_vocab": text.integer("vocab_size", 1, MAX_VOCAB),
-    }
-    h["n_head_kv"] = text.integer("num_key_value_heads", 1, h["n_head"], h["n_head"])
-    if h["n_head"] % h["n_head_kv"]:
-        raise ConfigError("config.json: text_config.num_attention_heads is not a multiple of num_key_value_heads")
-    h["head_dim"] = text.integer("head_dim", 1, MAX_WIDTH, h["n_embd"] // h["n_head"] or None)
-    h["n_q"], h["n_kv"] = h["n_head"] * h["head_dim"], h["n_head_kv"] * h["head_dim"]
-    h["rms_eps"] = text.number("rms_norm_eps", 0.0, 1.0, 1e-6)
-    h["max_pos"] = text.integer("max_position_embeddings", 1, MAX_POSITIONS)
-    h["rope_theta"], h["rope_scaling"] = _rope(text)
-    h["tie_word_embeddings"] = text.boolean("tie_word_embeddings", top.boolean("tie_word_embeddings", False))
-    return h
 
 
 def _vision_hparams(vision: Fields, top: Fields, family: Family) -> dict:

@@ -53,6 +53,10 @@ class Fields:
             raise ConfigError(f"{self.name(key)} is {value}, outside the range {lo}..{hi} a real model uses")
         return value
 
+    def optional_integer(self, key: str, lo: int, hi: int) -> int | None:
+        """None when the field is absent or null (as transformers treats an unset optional field)."""
+        return None if self.data.get(key) is None else self.integer(key, lo, hi)
+
     def number(self, key: str, lo: float, hi: float, default=_MISSING) -> float:
         value = self._get(key, default)
         if type(value) not in (int, float) or not math.isfinite(value):

@@ -9,8 +9,8 @@ from __future__ import annotations
 from .family import Family, LanguageModel
 
 # LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT: ...</s>USER: ..."), used when the
-# checkpoint has no template that renders the runtime's conversations. The runtime passes each image
-# as a text part holding the media marker; LLaVA-1.5 was trained with a newline after the image.
+# checkpoint has no template that renders the runtime's conversations: llava-hf's own, images first
+# with a newline after each (LLaVA-1.5 was trained so), pictures written as the media marker.
 LLAVA_1_5_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string else "
@@ -18,7 +18,7 @@ LLAVA_1_5_TEMPLATE = (
     "{% else %}{{ message['role'] | upper }}{{ ': ' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] }}{% if part['text'] == '<__media__>' %}{{ '\\n' }}{% endif %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}"
     "{% elif part['type'] in ('image', 'image_url', 'input_image') %}{{ '<__media__>\\n' }}"
     "{% endif %}{% endfor %}{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ ' ' }}{% endif %}"
@@ -28,12 +28,12 @@ LLAVA_1_5_TEMPLATE = (
 
 # LlamaConfig's and MistralConfig's defaults (transformers 5): llava-1.5-7b-hf's text_config stores only
 # max_position_embeddings, rms_norm_eps and vocab_size. (Mistral's 4096-token sliding window is not
-# applied by llama.cpp's llama architecture: exact up to 4096 positions of context.)
+# applied by llama.cpp's llama architecture: exact up to 4096 positions of context; convert says so.)
 LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                   "num_attention_heads": 32, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
-                  "rope_theta": 10_000.0, "tie_word_embeddings": False}
+                  "tie_word_embeddings": False}
 MISTRAL_DEFAULTS = {**LLAMA_DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8,
-                    "max_position_embeddings": 131072}
+                    "max_position_embeddings": 131072, "sliding_window": 4096}
 
 LLAMA = LanguageModel(gguf_arch="llama", model_types=("llama", "mistral"), tokenizer="llama", qkv_bias=False,
                       builtin_template=LLAVA_1_5_TEMPLATE, rope_permute=True,

@@ -21,10 +21,11 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-# Qwen2Config's defaults (transformers 5), for the fields a hub config leaves out.
+# Qwen2Config's defaults (transformers 5), for the fields a hub config leaves out (rope and tying
+# follow transformers' precedence rules in text_hparams.py).
 QWEN2_DEFAULTS = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
                   "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768,
-                  "rms_norm_eps": 1e-6, "rope_theta": 10_000.0, "tie_word_embeddings": False}
+                  "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "sliding_window": 4096}
 
 QWEN2 = LanguageModel(gguf_arch="qwen2", model_types=("qwen2",), tokenizer="gpt2", qkv_bias=True,
                       builtin_template=CHATML_TEMPLATE, config_defaults={"qwen2": QWEN2_DEFAULTS},

@@ -35,7 +35,8 @@ from .. import interrupts, llama_log
 from ..errors import BusyError, CancelledError, ModelFilesError, OptionError
 from ..models.fields import MAX_POSITIONS
 from ..system import default_threads
-from ..templates import PROBES, TemplateFailed, compile_template, probe
+from ..templates import (KNOWN_PLACEHOLDERS, MEDIA_MARKER, PLACEHOLDER_KEY, ImageStyle, TemplateFailed, compile_template,
+                         image_style)
 from .generation import SamplingOptions, TurnStats, generate
 from .images import PreparedImage, prepare
 from .kv_session import Cancelled, KVSession, KVSnapshot
@@ -44,7 +45,7 @@ from .model_files import ModelFiles, check_pair, fields_of, pixel_recipe, resolv
 from .prompt import render_prompt
 from .offload import N_UBATCH, plan_offload
 
-PATCHED_BUILD = "+acestep.1"
+PATCHED_BUILD = "+acestep."  # 0.3.36+acestep.N: tools/build_llama_cpp.sh
 PROMPT_ROOM = 32  # positions beyond one image that the smallest useful context must hold
 
 
@@ -67,18 +68,19 @@ class _Contexts:
 class VisionChat:
     """A conversation about images with one loaded model. One generation at a time."""
 
-    def __init__(self, files: ModelFiles, contexts: _Contexts, recipe, system: str | None, seed: int | None,
-                 n_gpu_layers: int):
+    def __init__(self, files: ModelFiles, contexts: _Contexts, recipe, style: ImageStyle, system: str | None,
+                 seed: int | None, n_gpu_layers: int):
         self.files, self.model_path, self.quant = files, files.model, files.quant
         self.n_gpu_layers = n_gpu_layers
         self.offload_plan = None
         # Stock llama.cpp mis-orders llava's [CLS] token (ggml-org/llama.cpp#25814); tools/build_llama_cpp.sh fixes it.
-        self.exact_vision = llama_cpp.__version__.endswith(PATCHED_BUILD)
+        self.exact_vision = PATCHED_BUILD in llama_cpp.__version__
         self._contexts = contexts
         self._finalizer = weakref.finalize(self, contexts.free)
         self._recipe = recipe
         self.chat_template = contexts.llm.metadata["tokenizer.chat_template"]  # the GGUF's own
         self._template = compile_template(self.chat_template)
+        self.image_style = style  # how the template places pictures (checked at load)
         self._system, self._seed = system, seed
         self._messages: list[dict] = []
         self._lock = threading.Lock()  # the session: held by a turn from stream() to its end, or by one call
@@ -105,7 +107,7 @@ class VisionChat:
         model_fields, mmproj_fields = fields_of(headers[0]), fields_of(headers[1])
         check_pair(model_fields, mmproj_fields, files)
         recipe = pixel_recipe(mmproj_fields, files.mmproj)
-        _check_template(model_fields["tokenizer.chat_template"], files.model, system)
+        style = _image_style(model_fields, files.model, system)
         n_ctx = _checked_ctx(n_ctx, recipe)
         if n_threads is not None and (type(n_threads) is not int or not 1 <= n_threads <= 1024):
             raise OptionError(f"n_threads {n_threads!r}: a whole number from 1 to 1024")
@@ -119,7 +121,7 @@ class VisionChat:
         try:
             with interrupts.deferred():  # a Ctrl-C while loading is raised once loading has returned
                 contexts.llm, contexts.mctx = _open_contexts(files, n_ctx, n_threads, n_gpu_layers, verbose)
-                chat = cls(files, contexts, recipe, system, seed, n_gpu_layers)
+                chat = cls(files, contexts, recipe, style, system, seed, n_gpu_layers)
         except BaseException:
             contexts.free()
             raise
@@ -327,8 +329,10 @@ class VisionChat:
 
     def _prefill(self, messages: list[dict], stats: TurnStats) -> None:
         kv = self._kv
-        pieces = render_prompt(self._template, messages, kv.special_text(llama_cpp.llama_vocab_bos(kv.vocab)),
-                               kv.special_text(llama_cpp.llama_vocab_eos(kv.vocab)))
+        style = self.image_style
+        pieces = render_prompt(self._template, style, messages, kv.special_text(llama_cpp.llama_vocab_bos(kv.vocab)),
+                               kv.special_text(llama_cpp.llama_vocab_eos(kv.vocab)),
+                               lambda text: kv.holds_markup(text) or (style.parts and style.placeholder in text))
         before = stats.images_encoded
         kv.prefill(pieces, stats)
         self.images_encoded_total += stats.images_encoded - before
@@ -402,14 +406,15 @@ def _checked_ctx(n_ctx, recipe) -> int:
     return n_ctx
 
 
-def _check_template(template: str, path: Path, system: str | None) -> None:
-    """The conversations this session will send render with the file's template (a system message
-    only when one is given): a template that cannot is refused now, not mid-conversation."""
+def _image_style(fields: dict, path: Path, system: str | None) -> ImageStyle:
+    """How the file's template places pictures, checked on the conversations this session will send (a
+    system message only when one is given): a template that cannot render them is refused now, not
+    mid-conversation. Ours name their placeholder; for files from elsewhere the usual ones are tried."""
+    ours = fields.get(PLACEHOLDER_KEY)
+    placeholders = ((ours,) if ours else ()) + (MEDIA_MARKER,) + KNOWN_PLACEHOLDERS
     try:
-        compiled = compile_template(template)
-        for which in PROBES:
-            if which != "a system message" or system:
-                probe(compiled, which)
+        return image_style(compile_template(fields["tokenizer.chat_template"]), placeholders,
+                           skip=() if system else ("a system message",))
     except TemplateFailed as e:
         hint = "; leave out the system prompt" if system and "system" in str(e).lower() else ""
         raise ModelFilesError(f"{path}: the chat template cannot render a conversation ({e}){hint}") from None

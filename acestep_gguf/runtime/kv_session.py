@@ -20,6 +20,7 @@ from ..errors import ContextFullError, ModelFilesError
 from ..templates import MEDIA_MARKER
 from .generation import TurnStats
 from .images import PreparedImage
+from .prompt import TextPiece
 
 
 class Cancelled(Exception):
@@ -50,6 +51,7 @@ class KVSession:
         self.cache: list[Span] = []
         self.n_past = 0  # positions held by the KV cache: the sum of the cache's n_pos
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._controls = None
 
     @property
     def n_ctx(self) -> int:
@@ -81,27 +83,35 @@ class KVSession:
 
     # -- prompt -----------------------------------------------------------------------------------
     def prefill(self, pieces: list, stats: TurnStats) -> None:
-        """Make the cache hold exactly the prompt ``pieces`` (prompt.render's output), evaluating
-        only what differs from what it holds; the last position's logits are fresh afterwards."""
+        """Make the cache hold exactly the prompt ``pieces`` (prompt.render_prompt's output: text,
+        pictures, spliced reply tokens), evaluating only what differs from what it holds; the last
+        position's logits are fresh afterwards."""
         chunk_lists = []
         try:
             wanted: list[Span] = []
             sources: list = []  # per span: None (a text token) or the mtmd image chunk to evaluate
+            if llama_cpp.llama_vocab_get_add_bos(self.vocab):  # where mtmd puts it: before everything
+                wanted.append(Span(("t", llama_cpp.llama_vocab_bos(self.vocab)), 1))
+                sources.append(None)
             for piece in pieces:
-                if piece[0] == "tokens":
-                    wanted += [Span(("t", t), 1) for t in piece[1]]
-                    sources += [None] * len(piece[1])
-                elif piece[1]:
-                    chunks = self.tokenize(piece[1], piece[2], add_special=not chunk_lists)
+                if isinstance(piece, TextPiece):
+                    tokens = self.tokenize_text(piece.text, piece.protected)
+                elif piece[0] == "tokens":
+                    tokens = piece[1]
+                else:
+                    chunks = self.tokenize_image(piece[1])
                     chunk_lists.append(chunks)
-                    self._spans(chunks, piece[2], wanted, sources)
+                    self._spans(chunks, [piece[1]], wanted, sources)
+                    continue
+                wanted += [Span(("t", t), 1) for t in tokens]
+                sources += [None] * len(tokens)
             if not wanted:
                 raise ModelFilesError("the chat template rendered an empty prompt")
             need = sum(s.n_pos for s in wanted)
             if need + 1 > self.n_ctx:
                 n_images = sum(1 for s in wanted if s.key[0] == "i")
                 raise ContextFullError(f"the conversation needs {need} positions but the context holds {self.n_ctx} "
-                                       f"({n_images} image(s)); call reset() or load with a larger n_ctx")
+                                       f"({n_images} image(s)); start a new conversation or use a larger context")
             keep = self.common_prefix(wanted)
             self.truncate(keep)
             stats.reused_positions, stats.prompt_positions = self.n_past, need
@@ -112,25 +122,58 @@ class KVSession:
             for chunks in chunk_lists:
                 mtmd.mtmd_input_chunks_free(chunks)
 
-    def tokenize(self, text: str, images: list[PreparedImage], add_special: bool):
-        bitmaps = [mtmd.mtmd_bitmap_init(img.size, img.size, (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb))
-                   for img in images]
+    def tokenize_image(self, img: PreparedImage):
+        """mtmd's chunks for one picture (its image chunk, and any text mtmd puts around it)."""
+        data = (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb)
+        bitmap = mtmd.mtmd_bitmap_init(img.size, img.size, data)
         chunks = mtmd.mtmd_input_chunks_init()
         try:
-            for bitmap, img in zip(bitmaps, images):
-                mtmd.mtmd_bitmap_set_id(bitmap, img.digest.encode())
-            data = text.encode("utf-8")
-            inp = mtmd.mtmd_input_text(text=data, text_len=len(data), add_special=add_special, parse_special=True)
-            array = (mtmd.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
-            status = mtmd.mtmd_tokenize(self.mctx, chunks, ctypes.byref(inp), array, len(bitmaps))
+            mtmd.mtmd_bitmap_set_id(bitmap, img.digest.encode())
+            marker = MEDIA_MARKER.encode()
+            inp = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
+            array = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+            status = mtmd.mtmd_tokenize(self.mctx, chunks, ctypes.byref(inp), array, 1)
         finally:
-            for bitmap in bitmaps:
-                mtmd.mtmd_bitmap_free(bitmap)
+            mtmd.mtmd_bitmap_free(bitmap)
         if status != 0:
             mtmd.mtmd_input_chunks_free(chunks)
-            raise ModelFilesError(f"mtmd could not tokenize the prompt (status {status}: the chat template placed "
-                                  f"{text.count(MEDIA_MARKER)} image markers for {len(images)} images)")
+            raise ModelFilesError(f"mtmd could not prepare a picture (status {status}: {llama_log.recent()})")
         return chunks
+
+    def tokenize_text(self, text: str, protected: tuple = ()) -> list[int]:
+        """Token ids of prompt text, as llama.cpp tokenizes with special tokens parsed — except inside
+        ``protected`` ranges (message text), where a control token's text is plain text."""
+        if not protected:
+            return self._tokenize(text, special=True)
+        tokens: list[int] = []
+        for fragment in partition(text, protected, self.controls):
+            tokens += [fragment] if isinstance(fragment, int) else self._tokenize(fragment, special=False)
+        return tokens
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * size)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, size, False, special)
+            if n >= 0:
+                return buf[:n]
+            size = -n
+
+    @property
+    def controls(self) -> list[tuple[str, int]]:
+        """(text, id) of every control token, longest first (the order llama.cpp matches them in)."""
+        if self._controls is None:
+            wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+            found = [(self.piece(t, special=True).decode("utf-8", "replace"), t)
+                     for t in range(llama_cpp.llama_vocab_n_tokens(self.vocab))
+                     if llama_cpp.llama_vocab_get_attr(self.vocab, t) & wanted]
+            self._controls = sorted([c for c in found if c[0]], key=lambda c: -len(c[0]))
+        return self._controls
+
+    def holds_markup(self, text: str) -> bool:
+        """Would this message text be read as markup: a control token's text or mtmd's marker."""
+        return MEDIA_MARKER in text or any(c in text for c, _ in self.controls)
 
     @staticmethod
     def _spans(chunks, images, wanted: list, sources: list) -> None:
@@ -215,7 +258,7 @@ class KVSession:
 
     def encode_image(self, image: PreparedImage) -> np.ndarray:
         """The image's projected tokens (n_tokens x n_embd, float32); the cache is untouched."""
-        chunks = self.tokenize(MEDIA_MARKER, [image], add_special=False)
+        chunks = self.tokenize_image(image)
         try:
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)
@@ -247,3 +290,32 @@ class KVSession:
     def special_text(self, token: int) -> str:
         """A control token's own text (<|im_end|>), as templates expect for eos_token / bos_token."""
         return self.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+
+def partition(text: str, protected: tuple, controls: list[tuple[str, int]]) -> list:
+    """``text`` split at control tokens (ids) into raw fragments (str), as llama.cpp's special-token
+    partition splits it (each token in ``controls`` order, leftmost first), but never at an
+    occurrence that overlaps a protected range."""
+    def free(start: int, end: int) -> bool:
+        return not any(a < end and start < b for a, b in protected)
+
+    items: list = [(0, len(text))]  # raw fragments as (start, end), tokens as ints
+    for control, token in controls:
+        out: list = []
+        for item in items:
+            if isinstance(item, int):
+                out.append(item)
+                continue
+            start, end = item
+            at = search = start
+            while (found := text.find(control, search, end)) >= 0:
+                if free(found, found + len(control)):
+                    if found > at:
+                        out.append((at, found))
+                    out.append(token)
+                    at = found + len(control)
+                search = found + 1 if at <= found else at
+            if at < end:
+                out.append((at, end))
+        items = out
+    return [item if isinstance(item, int) else text[item[0]:item[1]] for item in items]
