@@ -474,19 +474,24 @@ def demo(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The question (default: a random one)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the drawn picture and question."),
     quant: str = typer.Option("Q8_0", "--quant", help="Demo model type: Q4_K_M, Q5_K_M, Q8_0, F16 or BF16."),
+    hard: bool = typer.Option(False, "--hard", help="Draw from the training range instead: tiny or tinted "
+                              "shapes, 1:4 pictures, blur (see the model's limits)."),
     verbose: bool = VERBOSE_OPTION,
 ):
-    """Convert the bundled demo model (once), draw a picture of shapes, and ask about it."""
+    """Convert the bundled demo model (once), draw a clear picture of shapes, and ask about it."""
     from . import demo as demo_lib
     with _errors():
         with err.status("preparing the demo model (first run converts it)…"):
             folder = demo_lib.ensure_demo_model(quant)
-        result = demo_lib.run_demo(folder, image=image, prompt=prompt, seed=seed, quant=quant, verbose=verbose)
+        result = demo_lib.run_demo(folder, image=image, prompt=prompt, seed=seed, quant=quant, verbose=verbose,
+                                   hard=hard)
     say(f"image:    {result['image']}")
     say(f"question: {result['question']}")
     say(f"answer:   {result['answer']}")
     if result.get("expected"):
         say(f"expected: {result['expected']}")
+        if result["answer"] != result["expected"]:
+            note("(the answer differs from the expected one)", style="yellow")
 
 
 @app.command()

@@ -11,7 +11,7 @@ from .convert import convert
 from .errors import ModelFilesError
 from .manifest import Manifest
 from .runtime import VisionChat
-from .shapes import QUESTIONS, draw, random_scene
+from .shapes import QUESTIONS, TYPICAL_KINDS, draw, draw_typical, random_scene, typical_scene
 
 DEMO_CHECKPOINT = Path(__file__).parent / "demo_model"
 DEMO_NAME = "acestep-demo"
@@ -45,21 +45,29 @@ def ensure_demo_model(quant: str | None = "Q8_0") -> Path:
     return folder
 
 
+def demo_question(rng: random.Random, prompt: str | None = None, hard: bool = False):
+    """(picture, question, expected answer or None): a clear picture such as a person draws to try the
+    model, asked its shape, colour or count; with ``hard``, one from the training generator's full range
+    (tiny or tinted shapes, 1:4 pictures, blur) and any question, description included."""
+    scene = random_scene(rng) if hard else typical_scene(rng)
+    kind = rng.choice(list(QUESTIONS) if hard else TYPICAL_KINDS)
+    question = prompt or rng.choice(QUESTIONS[kind])
+    kinds = [k for k, qs in QUESTIONS.items() if question in qs]
+    picture = draw(scene, rng) if hard else draw_typical(scene, rng)
+    return picture, question, scene.answer(kinds[0]) if kinds else None
+
+
 def run_demo(folder: Path, image: str | None = None, prompt: str | None = None, seed: int | None = None,
-             quant: str = "Q8_0", verbose: bool = False) -> dict:
+             quant: str = "Q8_0", verbose: bool = False, hard: bool = False) -> dict:
     """Draw a picture (unless ``image`` is given), ask, and return what a person wants to see."""
     rng = random.Random(seed)
     expected = None
     if image is None:
-        scene = random_scene(rng)
-        kind = rng.choice(list(QUESTIONS))
-        question = prompt or rng.choice(QUESTIONS[kind])
-        kinds = [k for k, qs in QUESTIONS.items() if question in qs]
-        expected = scene.answer(kinds[0]) if kinds else None
+        picture, question, expected = demo_question(rng, prompt, hard)
         pictures = cache_folder() / "demo-pictures"
         pictures.mkdir(parents=True, exist_ok=True)
         image = str(pictures / f"shapes-{rng.randrange(10**8):08d}.png")
-        draw(scene, rng).save(image)
+        picture.save(image)
     else:
         question = prompt or "Describe this image."
     with VisionChat.load(folder, quant=quant, n_ctx=2048, verbose=verbose) as chat:

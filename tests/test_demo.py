@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from acestep_gguf import VisionChat, convert
 from acestep_gguf.cli import app
 from acestep_gguf.demo import DEMO_CHECKPOINT
+from acestep_gguf.shapes import QUESTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tools")]
@@ -193,3 +194,30 @@ def test_training_script_smoke(tmp_path):
             "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
     manifest = convert(out, out=tmp_path / "gguf", quant="Q8_0", name="smoke")
     assert [f.type for f in manifest.files] == ["Q8_0", "F16"]
+
+
+def test_the_demos_first_answer_is_right_on_its_own_pictures(demo_gguf):
+    """What `demo --seed N` shows a new user, for the first 150 seeds (docs/quality.md has 300): a clear
+    picture, one of the trained questions, the Q4_K_M answer printed next to the expected one."""
+    import random
+    from acestep_gguf.demo import demo_question
+    asked = [demo_question(random.Random(seed)) for seed in range(150)]
+    assert len({q for _, q, _ in asked}) >= 10 and not any(q in QUESTIONS["describe"] for _, q, _ in asked)
+    done = turns(demo_gguf, "Q4_K_M", [(picture, question) for picture, question, _ in asked])
+    right = sum(answer == expected for (answer, _, _), (_, _, expected) in zip(done, asked))
+    assert right >= 147  # ≥ 98 % here; 297/300 in docs/quality.md
+    hard = [demo_question(random.Random(seed), hard=True) for seed in range(20)]
+    assert any(q in QUESTIONS["describe"] for _, q, _ in hard)  # --hard keeps the full range
+
+
+def test_demo_says_when_the_answer_differs(tmp_path):
+    runner = CliRunner()
+    env = {"ACESTEP_GGUF_CACHE": str(tmp_path / "cache")}
+    seeds = {}
+    for seed in range(30):  # the hard range gets some wrong: find one, and one right
+        done = runner.invoke(app, ["demo", "--seed", str(seed), "--hard"], env=env)
+        lines = dict(line.split(":", 1) for line in done.stdout.splitlines() if ":" in line)
+        seeds[lines["answer"].strip() == lines["expected"].strip()] = done.output
+        if len(seeds) == 2:
+            break
+    assert "differs from the expected one" in seeds[False] and "differs" not in seeds[True]
