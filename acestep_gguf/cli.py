@@ -313,7 +313,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' "
                                           "(also from $ACESTEP_GGUF_API_KEY)."),
     ctx: int = typer.Option(8192, "--ctx", help="Context length in tokens."),
-    threads: Optional[int] = THREADS_OPTION,
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores but one)."),
     gpu_layers: str = GPU_LAYERS_OPTION,
     vram: Optional[str] = VRAM_OPTION,
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where conversation states are kept across "
@@ -321,6 +321,10 @@ def serve(
     cache_size: str = typer.Option("4GiB", "--cache-size", help="Room for saved conversation states, with a unit."),
     max_image_bytes: str = typer.Option("16MiB", "--max-image-bytes", help="Largest image a request may send."),
     cors_origin: List[str] = typer.Option([], "--cors-origin", help="Allow browser pages from this origin (repeatable)."),
+    allowed_host: List[str] = typer.Option([], "--allowed-host", help="Also answer requests addressed to this host "
+                                           "name (repeatable; loopback names always)."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, max=3600, help="Seconds a client may take to "
+                                       "send a request body (slower: 408)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log and every request."),
 ):
     """Serve the model over HTTP: OpenAI and Ollama APIs and a chat page at http://HOST:PORT/."""
@@ -335,7 +339,7 @@ def serve(
                    n_gpu_layers=gpu_layers_option(gpu_layers), vram=vram, cache_dir=states,
                    cache_size=parse_size(cache_size, "--cache-size"),
                    max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"), cors_origins=cors_origin,
-                   verbose=verbose)
+                   allowed_hosts=allowed_host, body_timeout_s=body_timeout, verbose=verbose)
 
 
 # -- caption ---------------------------------------------------------------------------------------

@@ -60,11 +60,12 @@ def read_text(path: Path, error: type[AcestepGGUFError], limit: int = MAX_TEXT_B
 
 
 def loads_json(raw: bytes | str, error: type[AcestepGGUFError], where: str):
-    """json.loads with every failure (syntax, bad UTF-8, nesting deep enough to recurse) as one line."""
+    """json.loads with every failure (syntax, bad UTF-8, nesting deep enough to recurse, an integer past
+    Python's 4300-digit limit) as one line."""
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{where}: not valid JSON ({e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the int-digit limit
+        raise error(f"{where}: not valid JSON ({str(e).splitlines()[0][:160]})") from None
     except RecursionError:
         raise error(f"{where}: JSON nested too deeply") from None
 

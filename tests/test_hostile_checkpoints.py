@@ -117,3 +117,12 @@ def test_templates_are_probed_with_system_and_several_turns():
     assert problem(no_system, "<image>") == "no system"
     first_only = "<image>{{ messages[0]['content'][1]['text'] }}"
     assert "multi-turn" in problem(first_only, "<image>")
+
+
+@pytest.mark.parametrize("file", ["config.json", "tokenizer_config.json", "preprocessor_config.json"])
+def test_a_number_past_pythons_digit_limit_is_one_line(tmp_path, fresh_checkpoint, file):
+    """json.loads raises ValueError (not JSONDecodeError) for an integer of over 4300 digits."""
+    ckpt = fresh_checkpoint()
+    text = (ckpt / file).read_text()
+    (ckpt / file).write_text(text[:-1].rstrip() + ', "huge": ' + "9" * 5000 + "}")
+    assert_clean_failure(cli("convert", ckpt, "--out", tmp_path / "o"), f"{file}: not valid JSON", out=tmp_path / "o")

@@ -67,10 +67,17 @@ class Server:
         from openai import OpenAI
         return OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, timeout=60, max_retries=0)
 
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)  # by its PID
+    def stop(self, sig=signal.SIGTERM) -> str:
+        self.proc.send_signal(sig)  # by its PID
         out, _ = self.proc.communicate(timeout=60)
         return out
+
+    def rss(self) -> int:
+        """The server process's resident memory, in bytes (/proc)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +149,7 @@ def test_a_restarted_server_answers_from_its_disk_cache(tmp_path, converted, noi
                                                        max_tokens=6)
     finally:
         first.stop()
-    assert list(cache.glob("*.kv"))
+    assert list(cache.glob("*/*.kv"))  # in the subfolder of this model and context
     second = Server(converted, cache_dir=cache)
     try:
         again = second.client().chat.completions.create(model="tiny-llava", messages=[user(QUESTION, noise_image)],
@@ -152,7 +159,7 @@ def test_a_restarted_server_answers_from_its_disk_cache(tmp_path, converted, noi
         assert second.stats()["images_encoded"] == 0
     finally:
         second.stop()
-    (next(cache.glob("*.kv"))).write_bytes(b"ACESTEP-KV1\n garbage")  # a damaged file is ignored, not trusted
+    (next(cache.glob("*/*.kv"))).write_bytes(b"ACESTEP-KV1\n garbage")  # a damaged file is ignored, not trusted
     third = Server(converted, cache_dir=cache)
     try:
         fresh = third.client().chat.completions.create(model="tiny-llava", messages=[user(QUESTION, noise_image)],

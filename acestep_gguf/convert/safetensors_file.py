@@ -66,8 +66,9 @@ def read_header(path: Path) -> dict[str, SourceTensor]:
         raw = f.read(n)
     try:
         header = json.loads(raw, object_pairs_hook=_no_duplicates(path))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path.name}: not a safetensors file (header is not JSON: {e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the int-digit limit
+        raise CheckpointError(f"{path.name}: not a safetensors file (header is not JSON: "
+                              f"{str(e).splitlines()[0][:160]})") from None
     except RecursionError:
         raise CheckpointError(f"{path.name}: not a safetensors file (header JSON is nested too deeply)") from None
     if not isinstance(header, dict):

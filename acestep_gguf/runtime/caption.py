@@ -44,7 +44,7 @@ def read_records(out_file: Path) -> list[dict]:
             whole += len(raw)
             try:
                 record = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, a number past the digit limit
                 continue
             if isinstance(record, dict) and isinstance(record.get("image"), str):
                 records.append(record)
@@ -69,7 +69,7 @@ def _rewrite_without(out_file: Path, drop: set[str]) -> None:
 def _is_error_for(line: str, images: set[str]) -> bool:
     try:
         record = json.loads(line)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(record, dict) and "error" in record and record.get("image") in images
 

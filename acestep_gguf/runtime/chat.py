@@ -154,6 +154,16 @@ class VisionChat:
         return self._kv.n_ctx
 
     @property
+    def n_vocab(self) -> int:
+        self._require_open()
+        return llama_cpp.llama_vocab_n_tokens(self._kv.vocab)
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square picture the vision tower takes."""
+        return self._recipe.image_size
+
+    @property
     def messages(self) -> list[dict]:
         """The conversation so far, images shown by their source label."""
         return [{"role": m["role"], "content": [p if p["type"] == "text" else {"type": "image", "image": p["image"].label}
@@ -246,10 +256,13 @@ class VisionChat:
             self._clear()
             return False
 
-    def prepare_image(self, image) -> PreparedImage:
+    def prepare_image(self, image, max_decoded_bytes: int | None = None) -> PreparedImage:
         """Decode and check an image now (ImageError if it is refused); the result can be passed to
-        ask()/stream() later without decoding it again."""
-        return prepare(image, self._recipe)
+        ask()/stream() later without decoding it again. ``max_decoded_bytes`` caps the picture's
+        decoded pixels (checked from its header, before decoding)."""
+        if max_decoded_bytes is None:
+            return prepare(image, self._recipe)
+        return prepare(image, self._recipe, max_decoded_bytes)
 
     def next_token_logprobs(self, prompt: str, images: Sequence | None = ()) -> np.ndarray:
         """Log-probabilities of the first reply token (float64, one per vocabulary entry); the

@@ -25,6 +25,10 @@ from ..files import read_bytes
 FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 64 * 1024 * 1024  # 8192 x 8192
+MAX_DECODED_BYTES = 512 << 20  # pixels as Pillow holds them, before any conversion (servers pass less)
+# Bytes per pixel as Pillow stores each mode (RGB is kept in 4 bytes); anything else counts 4.
+PILLOW_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+ROWS_AT_ONCE = 512  # 16/32-bit pictures are scaled to 8 bits this many rows at a time
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,14 @@ def _read_source(image) -> tuple[bytes | Image.Image, str]:
     raise ImageError(f"unsupported image value of type {type(image).__name__}: pass a path, bytes, a PIL image or a data: URI")
 
 
-def decode(image) -> tuple[Image.Image, str]:
-    """An RGB PIL image, upright, from any accepted source; refuses formats, bombs and tiny images."""
+def decode(image, max_decoded_bytes: int = MAX_DECODED_BYTES) -> tuple[Image.Image, str]:
+    """An RGB PIL image, upright, from any accepted source; refuses formats, bombs and tiny images.
+    The decoded size (width x height x bytes per pixel of its mode) is checked from the header,
+    before a single pixel is decoded."""
     data, label = _read_source(image)
     if isinstance(data, Image.Image):
         img = data
-        _check_pixels(img, label)
+        _check_pixels(img, label, max_decoded_bytes)
     else:
         if len(data) > MAX_BYTES:
             raise ImageError(f"{label}: {len(data)} bytes is over the {MAX_BYTES >> 20} MiB image limit")
@@ -82,7 +88,7 @@ def decode(image) -> tuple[Image.Image, str]:
             with warnings.catch_warnings():  # we apply our own, lower pixel cap just below
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data), formats=FORMATS)
-            _check_pixels(img, label)  # before decoding a single pixel
+            _check_pixels(img, label, max_decoded_bytes)  # before decoding a single pixel
             img.load()
         except UnidentifiedImageError:
             raise ImageError(f"{label}: not a JPEG, PNG or WEBP image") from None
@@ -104,29 +110,42 @@ def decode(image) -> tuple[Image.Image, str]:
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit greyscale scaled to 8 bits (Pillow's convert would clip them to white)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        return Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    """16-bit and 32-bit greyscale scaled to 8 bits (Pillow's convert would clip them to white), a
+    band of rows at a time: the extra memory is the 8-bit result, not a float copy of the picture."""
+    if img.mode not in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return img
+    values = np.asarray(img)
+    out = np.empty(values.shape, np.uint8)
     if img.mode == "F":
-        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        return Image.fromarray((np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), "L")
-    return img
+        low, top = 0.0, 1.0
+    else:
+        low, top = 0.0, 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+    for start in range(0, values.shape[0], ROWS_AT_ONCE):
+        rows = np.nan_to_num(values[start:start + ROWS_AT_ONCE].astype(np.float32))
+        out[start:start + ROWS_AT_ONCE] = (np.clip((rows - low) / (top - low), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(out, "L")
 
 
-def _check_pixels(img: Image.Image, label: str) -> None:
+def decoded_bytes(img: Image.Image) -> int:
+    w, h = img.size
+    return w * h * PILLOW_BYTES.get(img.mode, 4)
+
+
+def _check_pixels(img: Image.Image, label: str, max_decoded_bytes: int = MAX_DECODED_BYTES) -> None:
     w, h = img.size
     if w * h > MAX_PIXELS:
         raise ImageError(f"{label}: {w}x{h} pixels is over the {MAX_PIXELS} pixel limit (decompression bomb?)")
+    if decoded_bytes(img) > max_decoded_bytes:
+        raise ImageError(f"{label}: {w}x{h} {img.mode} decodes to {decoded_bytes(img) >> 20} MiB, over the "
+                         f"{max_decoded_bytes >> 20} MiB limit for one picture")
 
 
-def prepare(image, recipe: PixelRecipe) -> PreparedImage:
+def prepare(image, recipe: PixelRecipe, max_decoded_bytes: int = MAX_DECODED_BYTES) -> PreparedImage:
     """Decode, resize the shortest edge, centre-crop to the model's square input (an image
     prepared earlier for the same recipe passes through)."""
     if isinstance(image, PreparedImage) and image.size == recipe.image_size:
         return image
-    img, label = decode(image)
+    img, label = decode(image, max_decoded_bytes)
     w, h = img.size
     if min(w, h) < recipe.patch_size:
         raise ImageError(f"{label}: {w}x{h} is smaller than one {recipe.patch_size}-pixel patch")

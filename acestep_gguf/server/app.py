@@ -1,15 +1,14 @@
 """The HTTP face: OpenAI and Ollama APIs and the chat page over one Engine, on Starlette.
 
-Safe by default: with an API key every endpoint but /health and the page itself needs
-`Authorization: Bearer KEY`; when bound to loopback, a request whose Host header is not a loopback
-name is refused (DNS rebinding); no CORS unless origins are given; body, image-count and image-size
-caps; image URLs are refused, nothing is fetched. A bad request never reaches the model."""
+Every request passes guard.Guard first (Host, Origin, content type, API key, declared size); then its
+cost is bounded before any work (limits.py: text, messages, stops, schemas; body bytes per request
+and in flight together; decoded image bytes, one picture decoded at a time). Image URLs are refused,
+nothing is fetched. A bad request never reaches the model. docs/security.md lists the promises."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,17 +18,16 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import __version__
 from ..errors import AcestepGGUFError, ContextFullError
-from . import ollama_api, openai_api
+from . import limits, ollama_api, openai_api
 from .engine import Engine, Result
-from .openai_api import RequestError
-
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+from .guard import Guard, error_for, is_loopback  # noqa: F401 (is_loopback: serve's bind check)
+from .limits import RequestError
 
 
 @dataclass
@@ -37,70 +35,61 @@ class Settings:
     host: str = "127.0.0.1"
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
     max_body_bytes: int = 48 << 20
+    max_bodies_bytes: int = 192 << 20  # request bodies being received at once, together
+    body_timeout_s: float = 30.0  # to receive a whole body once its headers have come
     max_images: int = 8
     max_image_bytes: int = 16 << 20
+    max_decoded_image_bytes: int = 100 << 20  # one picture as decoded pixels (a 25-megapixel photo)
+    n_ctx: int = 0
     model_bytes: int = 0
     model_digest: str = ""
     details: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
 
 
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_NAMES or host.startswith("127.")
+def openai_error(status: int, message: str, param=None, code=None) -> JSONResponse:
+    return error_for("/v1", status, message, param, code)
 
 
-def openai_error(status: int, message: str, param=None, code=None, kind=None) -> JSONResponse:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
-    if status == 401:
-        kind = "authentication_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+class Gone(Exception):
+    """The client went away while its request was being read: nobody to answer."""
 
 
-def error_for(path: str, status: int, message: str, param=None, code=None) -> JSONResponse:
-    if path.startswith("/api/"):
-        return JSONResponse({"error": message}, status_code=status)  # Ollama's shape
-    return openai_error(status, message, param, code)
+class _Bodies:
+    """Bytes of request bodies being received right now, across all requests."""
+
+    def __init__(self):
+        self.in_flight = 0
 
 
-class Guard:
-    """ASGI middleware: Host check (DNS rebinding), API key, declared body size."""
-
-    def __init__(self, app, settings: Settings):
-        self.app, self.settings = app, settings
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope.get("path", "")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        problem = None
-        host = headers.get("host", "")
-        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-        if is_loopback(self.settings.host) and name not in LOOPBACK_NAMES and not name.startswith("127."):
-            problem = (403, f"Host '{host}' is not a loopback name; this server only answers requests addressed to "
-                            "localhost", "host_not_allowed")
-        elif self.settings.api_key and path not in ("/health", "/") and scope.get("method") != "OPTIONS":
-            given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.settings.api_key}".encode()):
-                problem = (401, "missing or wrong API key (send Authorization: Bearer KEY)", "invalid_api_key")
-        length = headers.get("content-length")
-        if problem is None and length and (not length.isdigit() or int(length) > self.settings.max_body_bytes):
-            problem = (413, f"request body over the {self.settings.max_body_bytes} byte limit", "request_too_large")
-        if problem is not None:
-            response = error_for(path, problem[0], problem[1], code=problem[2])
-            return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
-async def read_json(request: Request, settings: Settings):
+async def read_json(request: Request, settings: Settings, bodies: _Bodies):
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > settings.max_body_bytes:
-            raise RequestError(413, f"request body over the {settings.max_body_bytes} byte limit", None, "request_too_large")
+
+    async def receive() -> None:
+        async for chunk in request.stream():
+            if len(body) + len(chunk) > settings.max_body_bytes:
+                raise RequestError(413, f"request body over the {settings.max_body_bytes} byte limit", None,
+                                   "request_too_large")
+            if bodies.in_flight + len(chunk) > settings.max_bodies_bytes:
+                raise RequestError(503, "the server is receiving too many large requests at once; try again",
+                                   None, "server_busy")
+            bodies.in_flight += len(chunk)
+            body.extend(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), settings.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {settings.body_timeout_s:g} s", None,
+                           "request_timeout") from None
+    except ClientDisconnect:
+        raise Gone() from None
+    finally:
+        bodies.in_flight -= len(body)
     try:
         return json.loads(bytes(body))
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError):  # bad JSON, deep nesting, a number past Python's digit limit
         raise RequestError(400, "the request body is not valid JSON", None, "invalid_json") from None
 
 
@@ -114,12 +103,23 @@ def check_image_sizes(messages: list[dict], settings: Settings) -> None:
                                        "image_too_large")
 
 
-async def prepared(engine: Engine, messages: list[dict], settings: Settings) -> list[dict]:
+async def prepared(engine: Engine, messages: list[dict], sampling: dict, settings: Settings,
+                   decoding: asyncio.Lock, schema_param: str) -> list[dict]:
+    """Pictures decoded (one request at a time: decoded pixels are the big cost) and the JSON schema
+    compiled, both off the event loop."""
     check_image_sizes(messages, settings)
+    schema = sampling.pop("schema", None)
+    if schema is not None:
+        sampling["grammar"] = await asyncio.to_thread(limits.grammar, schema, schema_param)
     try:
-        return await asyncio.to_thread(engine.prepare, messages)
+        async with decoding:
+            return await asyncio.to_thread(engine.prepare, messages, settings.max_decoded_image_bytes)
     except AcestepGGUFError as e:
         raise RequestError(400, str(e), "messages", "invalid_image") from None
+
+
+def context_message(e: ContextFullError, settings: Settings) -> str:
+    return f"{e} (the server runs with --ctx {settings.n_ctx}: shorten the conversation or restart it with a larger --ctx)"
 
 
 async def watch_disconnect(request: Request, result: Result, done: asyncio.Event) -> None:
@@ -145,6 +145,7 @@ async def collect(request: Request, engine: Engine, messages, sampling) -> Resul
 
 def create_app(engine: Engine, settings: Settings) -> Starlette:
     name = engine.name
+    bodies, decoding = _Bodies(), asyncio.Lock()
 
     async def health(request: Request):
         return JSONResponse({"status": "ok", "model": name})
@@ -152,8 +153,9 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
     async def stats(request: Request):
         return JSONResponse({"requests": engine.requests, "waiting": engine.waiting, "dropped": engine.dropped,
                              "images_encoded": engine.chat.images_encoded_total,
-                             "state_cache": {"entries": len(engine.store.entries), "hits": engine.store.hits,
-                                             "misses": engine.store.misses}})
+                             "state_cache": {"entries": len(engine.store.entries), "bytes": engine.store.n_bytes,
+                                             "hits": engine.store.hits, "misses": engine.store.misses,
+                                             "dropped": engine.store.dropped}})
 
     async def models(request: Request):
         return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
@@ -161,17 +163,19 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
 
     async def chat_completions(request: Request):
         try:
-            body = await read_json(request, settings)
+            body = await read_json(request, settings, bodies)
             messages, sampling, stream, include_usage = openai_api.parse_request(body, name, settings.max_images)
-            messages = await prepared(engine, messages, settings)
+            messages = await prepared(engine, messages, sampling, settings, decoding, "response_format")
         except RequestError as e:
             return openai_error(e.status, e.message, e.param, e.code)
+        except Gone:
+            return Response(status_code=400)
         ids = openai_api.Ids(name)
         if not stream:
             try:
                 result = await collect(request, engine, messages, sampling)
             except ContextFullError as e:
-                return openai_error(400, str(e), "messages", "context_length_exceeded")
+                return openai_error(400, context_message(e, settings), "messages", "context_length_exceeded")
             except AcestepGGUFError as e:
                 return openai_error(400, str(e), None, "invalid_request")
             return JSONResponse(ids.completion(result.text, result.stats))
@@ -183,30 +187,37 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
                 async for piece in engine.generate(messages, sampling, result):
                     yield ids.chunk({"content": piece})
             except AcestepGGUFError as e:
-                yield json.dumps({"error": {"message": str(e), "type": "invalid_request_error", "param": None,
-                                            "code": "context_length_exceeded" if isinstance(e, ContextFullError) else None}})
+                full = isinstance(e, ContextFullError)
+                yield json.dumps({"error": {"message": context_message(e, settings) if full else str(e),
+                                            "type": "invalid_request_error", "param": None,
+                                            "code": "context_length_exceeded" if full else None}})
                 yield "[DONE]"
                 return
             yield ids.chunk({}, openai_api.FINISH.get(result.stats.finish_reason, "stop"))
             if include_usage:
                 yield ids.usage_chunk(result.stats)
             yield "[DONE]"
-        return EventSourceResponse(events(), ping=15)
+        # on shutdown the engine cancels the running turn: the stream gets its final chunk and [DONE]
+        # within the grace period instead of being cut (sse-starlette's default)
+        return EventSourceResponse(events(), ping=15, shutdown_grace_period=4)
 
     async def ollama(request: Request, parse, shape):
         try:
-            body = await read_json(request, settings)
+            body = await read_json(request, settings, bodies)
             messages, sampling, stream = parse(body, name, settings.max_images)
-            messages = await prepared(engine, messages, settings)
+            messages = await prepared(engine, messages, sampling, settings, decoding, "format")
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
+        except Gone:
+            return Response(status_code=400)
         started = time.perf_counter()
         model = body["model"]
         if not stream:
             try:
                 result = await collect(request, engine, messages, sampling)
             except AcestepGGUFError as e:
-                return JSONResponse({"error": str(e)}, status_code=400)
+                return JSONResponse({"error": context_message(e, settings) if isinstance(e, ContextFullError)
+                                     else str(e)}, status_code=400)
             return JSONResponse(ollama_api.final(model, result.stats, started, shape(result.text)))
 
         async def lines():
@@ -215,7 +226,8 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
                 async for piece in engine.generate(messages, sampling, result):
                     yield json.dumps({"model": model, "created_at": ollama_api.now(), **shape(piece), "done": False}) + "\n"
             except AcestepGGUFError as e:
-                yield json.dumps({"error": str(e)}) + "\n"
+                yield json.dumps({"error": context_message(e, settings) if isinstance(e, ContextFullError)
+                                  else str(e)}) + "\n"
                 return
             yield json.dumps(ollama_api.final(model, result.stats, started, shape(""))) + "\n"
         return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -229,12 +241,18 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
     async def api_tags(request: Request):
         return JSONResponse(ollama_api.tags(name, settings.model_bytes, settings.model_digest, settings.details))
 
+    async def api_ps(request: Request):
+        return JSONResponse(ollama_api.ps(name, settings.model_bytes, settings.model_digest, settings.details,
+                                          settings.n_ctx, engine.chat.n_gpu_layers > 0))
+
     async def api_show(request: Request):
         try:
-            body = await read_json(request, settings)
+            body = await read_json(request, settings, bodies)
             ollama_api.served_name(body.get("model", body.get("name")) if isinstance(body, dict) else None, name)
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
+        except Gone:
+            return Response(status_code=400)
         return JSONResponse({"modelfile": f"# served by acestep-gguf {__version__}", "parameters": "",
                              "template": engine.chat.chat_template, "details": settings.details,
                              "model_info": {"general.architecture": settings.details.get("family", "")},
@@ -250,7 +268,8 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
         Route("/", page), Route("/health", health), Route("/stats", stats), Route("/v1/models", models),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/api/chat", api_chat, methods=["POST"]), Route("/api/generate", api_generate, methods=["POST"]),
-        Route("/api/tags", api_tags), Route("/api/show", api_show, methods=["POST"]), Route("/api/version", api_version),
+        Route("/api/tags", api_tags), Route("/api/ps", api_ps), Route("/api/show", api_show, methods=["POST"]),
+        Route("/api/version", api_version),
     ]
     middleware = [Middleware(Guard, settings=settings)]
     if settings.cors_origins:

@@ -50,6 +50,7 @@ class Engine:
         self.requests = 0  # served (a turn was started for them)
         self.waiting = 0  # waiting for the model now
         self.dropped = 0  # given up by their clients before their turn came
+        self.stopping = False  # the server is shutting down: no new turns, the running one cancelled
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -58,13 +59,13 @@ class Engine:
         return self._lock
 
     # -- in the worker thread ---------------------------------------------------------------------
-    def prepare(self, messages: list[dict]) -> list[dict]:
+    def prepare(self, messages: list[dict], max_decoded_bytes: int | None = None) -> list[dict]:
         """Decode and check every image now (errors before any response is started)."""
         out = []
         for m in messages:
             content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
-            parts = [{"type": "image", "image": self.chat.prepare_image(p["image"])} if p["type"] == "image" else p
-                     for p in content]
+            parts = [{"type": "image", "image": self.chat.prepare_image(p["image"], max_decoded_bytes)}
+                     if p["type"] == "image" else p for p in content]
             out.append({"role": m["role"], "content": parts})
         return out
 
@@ -79,13 +80,16 @@ class Engine:
         if self.current_keys and held < len(self.current_keys):
             # this request does not continue the conversation the cache holds: keep that one first
             self.store.put(self.current_keys, self.chat.save_state())
-        state = self.store.best(keys, better_than=held)
-        if state is not None:
-            self.chat.restore_state(state)
-            log.info("restored a saved conversation state (%d cached positions)", len(state.kv.spans))
+        found = self.store.best(keys, better_than=held)
+        if found is not None:
+            if self.chat.restore_state(found[1]):
+                log.info("restored a saved conversation state (%d cached positions)", found[1].kv.n_past)
+            else:  # llama.cpp refused it: never offered again
+                log.warning("llama.cpp refused a saved conversation state; dropped it")
+                self.store.drop(found[0])
         self.current_keys = ()  # until this turn ends well, the cache holds no known conversation
         pieces = self.chat.stream_messages(messages, **sampling)
-        if result.abandoned.is_set():  # abandoned after the worker started, before the turn began
+        if result.abandoned.is_set() or self.stopping:  # given up after the worker started, before the turn began
             self.chat.cancel()
         for piece in pieces:
             result.text += piece
@@ -98,7 +102,9 @@ class Engine:
             while len(self.replies) > MAX_REMEMBERED_REPLIES:
                 self.replies.popitem(last=False)
         reply = {"role": "assistant", "content": [{"type": "text", "text": result.text}]}
-        self.current_keys = keys + message_keys([reply]) if result.stats.finish_reason != "cancelled" else ()
+        # a turn cancelled before its first token may have left the conversation as it was: unknown
+        kept = result.stats.finish_reason != "cancelled" or result.stats.completion_tokens > 0
+        self.current_keys = keys + message_keys([reply]) if kept else ()
         t = result.stats
         log.info("request %d: %d prompt positions, %d from the cache, %d images encoded, %d tokens (%s)",
                  self.requests, t.prompt_positions, t.reused_positions, t.images_encoded, t.completion_tokens,
@@ -121,6 +127,9 @@ class Engine:
         try:
             if result.abandoned.is_set():
                 self.dropped += 1
+                return
+            if self.stopping:  # its turn came during shutdown: it ends now, answered, without generating
+                result.stats.finish_reason = "cancelled"
                 return
             self.requests += 1
             loop = asyncio.get_running_loop()
@@ -165,6 +174,12 @@ class Engine:
             if worker is None:  # no turn was started: the model is free at once
                 result.running_on = None
                 self.lock.release()
+
+    def shutdown(self) -> None:
+        """The server is stopping (SIGTERM / SIGINT): the running turn is cancelled, so its stream
+        ends with a proper final chunk, and waiting requests end at once. Safe from a signal handler."""
+        self.stopping = True
+        self.chat.cancel()
 
     def close(self) -> None:
         """Keep the conversation the cache holds for the next start, then free the model."""

@@ -3,14 +3,12 @@ NDJSON streaming, `format` (json or a JSON schema) and `options`; /api/tags, /ap
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
 from ..runtime.generation import TurnStats
-from .openai_api import RequestError
+from . import limits
+from .limits import RequestError
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these follow
 DONE_REASON = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "error": "stop"}
@@ -51,23 +49,14 @@ def _options(body: dict) -> dict:
         if type(value) not in kind or not lo <= value <= hi:
             raise RequestError(400, f"options.{key} must be from {lo} to {hi}", f"options.{key}")
         sampling[name] = value
-    stop = options.get("stop")
+    stop = limits.stops(options.get("stop"), "options.stop")
     if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-            raise RequestError(400, "options.stop must be a list of strings", "options.stop")
         sampling["stop"] = stop
     if sampling.get("top_p") == 0:
         sampling["top_p"] = 1e-6
     fmt = body.get("format")
-    if fmt == "json":
-        sampling["grammar"] = JSON_GBNF
-    elif isinstance(fmt, dict):
-        try:
-            sampling["grammar"] = json_schema_to_gbnf(json.dumps(fmt))
-        except Exception as e:
-            raise RequestError(400, f"format: unsupported JSON schema ({e})", "format") from None
+    if fmt == "json" or isinstance(fmt, dict):
+        sampling["schema"] = fmt  # compiled off the event loop (limits.grammar)
     elif fmt not in (None, ""):
         raise RequestError(400, "format must be \"json\" or a JSON schema object", "format")
     return sampling
@@ -89,6 +78,7 @@ def parse_chat(body, served: str, max_images: int) -> tuple[list[dict], dict, bo
         messages.append({"role": m["role"], "content": parts + [{"type": "text", "text": m.get("content", "")}]})
     if messages[-1]["role"] != "user":
         raise RequestError(400, "the last message must be from the user", "messages")
+    limits.check_messages(messages)
     return messages, _options(body), _stream(body)
 
 
@@ -102,6 +92,7 @@ def parse_generate(body, served: str, max_images: int) -> tuple[list[dict], dict
     messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
     parts = _images(body.get("images"), "images", max_images, [0])
     messages.append({"role": "user", "content": parts + [{"type": "text", "text": prompt}]})
+    limits.check_messages(messages)
     return messages, _options(body), _stream(body)
 
 
@@ -128,3 +119,10 @@ def final(model: str, stats: TurnStats, started: float, extra: dict) -> dict:
 def tags(name: str, size: int, digest: str, details: dict) -> dict:
     return {"models": [{"name": f"{name}:latest", "model": f"{name}:latest", "modified_at": now(), "size": size,
                         "digest": digest, "details": details}]}
+
+
+def ps(name: str, size: int, digest: str, details: dict, n_ctx: int, on_gpu: bool) -> dict:
+    """/api/ps: the one model this server holds; it stays loaded until the server stops (no expiry)."""
+    return {"models": [{"name": f"{name}:latest", "model": f"{name}:latest", "size": size, "digest": digest,
+                        "details": details, "expires_at": "9999-12-31T23:59:59Z", "size_vram": size if on_gpu else 0,
+                        "context_length": n_ctx}]}

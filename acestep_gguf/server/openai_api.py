@@ -7,17 +7,9 @@ import json
 import time
 import uuid
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
-
 from ..runtime.generation import TurnStats
-
-
-class RequestError(Exception):
-    """A client error: HTTP status, message, the parameter at fault, OpenAI's error code."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+from . import limits
+from .limits import RequestError
 
 
 FINISH = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "error": "stop"}
@@ -62,14 +54,14 @@ def parse_messages(raw, max_images: int) -> list[dict]:
         if content is None and m["role"] == "assistant":
             content = ""
         if isinstance(content, str):
-            parts = [{"type": "text", "text": content}]
+            parts = [{"type": "text", "text": limits.text(content, where)}]
         elif isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
                 at = f"{where}.content[{j}]"
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text" and isinstance(part.get("text"), str):
-                    parts.append({"type": "text", "text": part["text"]})
+                    parts.append({"type": "text", "text": limits.text(part["text"], at)})
                 elif kind == "image_url":
                     parts.append({"type": "image", "image": image_source(part, at, max_images, count)})
                 else:
@@ -79,34 +71,32 @@ def parse_messages(raw, max_images: int) -> list[dict]:
         out.append({"role": ROLES[m["role"]], "content": parts})
     if out[-1]["role"] != "user":
         raise RequestError(400, "the last message must be from the user", "messages", "invalid_value")
+    limits.check_messages(out)
     return out
 
 
-def grammar_for(response_format) -> str | None:
-    """json_object → llama.cpp's JSON grammar; json_schema → a grammar for that schema."""
+def schema_for(response_format):
+    """json_object → "json"; json_schema → that schema; compiled later (limits.grammar), off the event loop."""
     if response_format is None:
         return None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "text":
         return None
     if kind == "json_object":
-        return JSON_GBNF
+        return "json"
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise RequestError(400, "response_format.json_schema.schema must be an object", "response_format", "invalid_value")
-        try:
-            return json_schema_to_gbnf(json.dumps(schema))
-        except Exception as e:  # the converter raises on what it cannot express
-            raise RequestError(400, f"response_format: unsupported JSON schema ({e})", "response_format",
-                               "invalid_value") from None
+        return schema
     raise RequestError(400, "response_format.type must be text, json_object or json_schema", "response_format",
                        "invalid_value")
 
 
 def parse_request(body, served: str, max_images: int) -> tuple[list[dict], dict, bool, bool]:
-    """(messages, sampling options, stream, include usage in the stream)."""
+    """(messages, sampling options, stream, include usage in the stream). A JSON schema is left in
+    sampling["schema"] for the caller to compile (limits.grammar) off the event loop."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object", None, "invalid_json")
     model = body.get("model")
@@ -115,14 +105,9 @@ def parse_request(body, served: str, max_images: int) -> tuple[list[dict], dict,
                            "model_not_found")
     messages = parse_messages(body.get("messages"), max_images)
     max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, True) or _number(body, "max_tokens", 1, 1 << 20, True)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and len(stop) <= 16 and all(isinstance(s, str) and s for s in stop)):
-        raise RequestError(400, "'stop' must be a string or a list of up to 16 strings", "stop", "invalid_value")
     sampling = {"max_tokens": max_tokens, "temperature": _number(body, "temperature", 0, 2),
                 "top_p": _number(body, "top_p", 0, 1), "seed": _number(body, "seed", 0, (1 << 32) - 1, True),
-                "stop": stop, "grammar": grammar_for(body.get("response_format"))}
+                "stop": limits.stops(body.get("stop"), "stop"), "schema": schema_for(body.get("response_format"))}
     if sampling["top_p"] == 0:
         sampling["top_p"] = 1e-6
     stream = body.get("stream", False)

@@ -3,15 +3,21 @@ cache, and a restarted server answers a repeated conversation from disk.
 
 States are found by the conversation's message-level key prefix (a digest per message: role, text,
 image pixel digests); the KV session's token-level compare then reuses exactly what matches. In
-memory: least recently used first out, within ``max_bytes``. On disk (optional): one file per state,
-written as *.partial then renamed, with a header naming the model and a sha256 of the payload; a file
-that is foreign, truncated or corrupt is ignored and deleted, never trusted."""
+memory: least recently used first out, within ``max_bytes``; a state whose conversation is a prefix of
+another kept state is not kept twice (the longer one serves it: the KV session truncates). On disk
+(optional): a subfolder per model identity (files, context), so servers of other models sharing the
+folder never touch each other's states; one file per state, written as *.partial then renamed, with
+a header naming the model and a sha256 of the payload. Only regular files are opened (a FIFO, a
+directory or a symlink named *.kv is skipped, never waited on); a file that is foreign, truncated,
+corrupt or inconsistent with the model and context is deleted, never trusted."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import stat
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,6 +28,51 @@ from ..runtime.images import PreparedImage
 from ..runtime.kv_session import KVSnapshot
 
 MAGIC = b"ACESTEP-KV1\n"
+log = logging.getLogger("acestep_gguf.server")
+
+
+class StateLimits:
+    """What a restored state must fit: the model's vocabulary and the server's context."""
+
+    def __init__(self, n_ctx: int, n_vocab: int, image_size: int):
+        self.n_ctx, self.n_vocab, self.image_size = n_ctx, n_vocab, image_size
+
+    def problem(self, state: ChatState) -> str | None:
+        kv = state.kv
+        if not kv.data:
+            return "no KV data"
+        if not 0 < kv.n_past < self.n_ctx:
+            return f"{kv.n_past} positions for a {self.n_ctx}-position context"
+        total = 0
+        for key, n in kv.spans:
+            ok = (isinstance(key, tuple) and len(key) == 2 and type(n) is int and (
+                (key[0] == "t" and type(key[1]) is int and 0 <= key[1] < self.n_vocab and n == 1)
+                or (key[0] == "i" and isinstance(key[1], str) and 0 < n < self.n_ctx)))
+            if not ok:
+                return "a malformed span"
+            total += n
+        if total != kv.n_past:
+            return f"spans of {total} positions for n_past {kv.n_past}"
+        for m in state.messages:
+            if m.get("role") not in ("system", "user", "assistant"):
+                return "a message without a known role"
+            for part in m["content"]:
+                image = part.get("image")
+                if image is not None and (image.size != self.image_size or len(image.rgb) != 3 * image.size ** 2):
+                    return "a picture of the wrong size"
+            tokens = m.get("tokens")
+            if tokens is not None and not all(0 <= t < self.n_vocab for t in tokens):
+                return "a reply token outside the vocabulary"
+        return None
+
+
+def open_regular(path: Path):
+    """Open for reading only a regular file, never following a symlink, never blocking on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path.name} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def message_keys(messages: list[dict]) -> tuple[str, ...]:
@@ -32,7 +83,7 @@ def message_keys(messages: list[dict]) -> tuple[str, ...]:
         for part in m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]:
             image = part.get("image")
             h.update(b"\x00i" + image.digest.encode() if isinstance(image, PreparedImage) else
-                     b"\x00t" + str(part.get("text", "")).encode())
+                     b"\x00t" + str(part.get("text", "")).encode("utf-8", "surrogatepass"))
         keys.append(h.hexdigest()[:24])
     return tuple(keys)
 
@@ -55,17 +106,20 @@ class _Entry:
 
 
 class StateStore:
-    def __init__(self, max_bytes: int, folder: Path | None, model_id: str):
-        self.max_bytes, self.folder, self.model_id = max_bytes, folder, model_id
+    def __init__(self, max_bytes: int, folder: Path | None, model_id: str, limits: StateLimits | None = None):
+        """``folder`` is the cache folder; states live in its subfolder named ``model_id``."""
+        self.max_bytes, self.model_id, self.limits = max_bytes, model_id, limits
+        self.folder = folder / model_id if folder is not None else None
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
-        self.hits = self.misses = 0
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+        self.hits = self.misses = self.dropped = 0
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
             self._scan()
 
     # -- finding and keeping ----------------------------------------------------------------------
-    def best(self, keys: tuple, better_than: int) -> ChatState | None:
-        """The saved state sharing the longest message prefix with ``keys`` (more than ``better_than``)."""
+    def best(self, keys: tuple, better_than: int) -> tuple[tuple, ChatState] | None:
+        """(its keys, the saved state) sharing the longest message prefix with ``keys`` (more than
+        ``better_than``), or None."""
         ranked = sorted(self.entries.values(), key=lambda e: common(e.keys, keys), reverse=True)
         for entry in ranked:
             if common(entry.keys, keys) <= better_than:
@@ -74,7 +128,7 @@ class StateStore:
             if state is not None:
                 self.entries.move_to_end(entry.keys)
                 self.hits += 1
-                return state
+                return entry.keys, state
         self.misses += 1
         return None
 
@@ -84,12 +138,26 @@ class StateStore:
         n_bytes = len(state.kv.data)
         if n_bytes > self.max_bytes:
             return
+        if any(len(k) > len(keys) and k[:len(keys)] == keys for k in self.entries):
+            return  # a longer kept conversation already holds this one's cache
+        for shorter in [k for k in self.entries if len(k) < len(keys) and keys[:len(k)] == k]:
+            self.drop(shorter)  # this state serves that prefix too
         old = self.entries.pop(keys, None)
         entry = _Entry(keys, state, n_bytes, old.path if old else None)
         if self.folder is not None:
             entry.path = self._write(keys, state)
         self.entries[keys] = entry
         self._evict()
+
+    def drop(self, keys: tuple) -> None:
+        """Forget a state (llama.cpp refused it, or it is superseded), in memory and on disk."""
+        entry = self.entries.pop(keys, None)
+        if entry is not None and entry.path is not None:
+            entry.path.unlink(missing_ok=True)
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(e.n_bytes for e in self.entries.values())
 
     def _evict(self) -> None:
         while sum(e.n_bytes for e in self.entries.values()) > self.max_bytes and self.entries:
@@ -111,7 +179,7 @@ class StateStore:
 
     def _header(self, path: Path) -> dict | None:
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 if f.read(len(MAGIC)) != MAGIC:
                     return None
                 (n,) = struct.unpack("<I", f.read(4))
@@ -127,10 +195,19 @@ class StateStore:
             return None
 
     def _scan(self) -> None:
-        for path in sorted(self.folder.glob("*.kv.partial")):
-            path.unlink(missing_ok=True)
-        files = sorted(self.folder.glob("*.kv"), key=lambda p: p.stat().st_mtime)
-        for path in files:
+        files = []
+        with os.scandir(self.folder) as it:
+            for item in it:
+                if not item.name.endswith((".kv", ".kv.partial")):
+                    continue
+                if not item.is_file(follow_symlinks=False):  # a FIFO, directory or symlink: never opened
+                    log.warning("state cache: skipping %s (not a regular file)", item.name)
+                    continue
+                if item.name.endswith(".partial"):
+                    os.unlink(item.path)
+                else:
+                    files.append((item.stat(follow_symlinks=False).st_mtime, Path(item.path)))
+        for _, path in sorted(files):
             header = self._header(path)
             if header is None:  # foreign, old or damaged: replaced, never trusted
                 path.unlink(missing_ok=True)
@@ -144,15 +221,22 @@ class StateStore:
         try:
             if header is None:
                 raise ValueError("bad header")
-            with open(entry.path, "rb") as f:
+            with open_regular(entry.path) as f:
                 f.seek(header["offset"])
                 payload = f.read(header["bytes"])
             if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
                 raise ValueError("checksum")
-            return _from_plain(payload)
-        except Exception:
+            state = _from_plain(payload)
+            why = self.limits.problem(state) if self.limits else None
+            if why:
+                raise ValueError(why)
+            return state
+        except Exception as e:
+            log.warning("state cache: dropping %s (%s)", entry.path.name if entry.path else "a state",
+                        str(e).splitlines()[0][:100] if str(e) else type(e).__name__)
+            self.dropped += 1
             self.entries.pop(entry.keys, None)
-            if entry.path is not None:
+            if entry.path is not None and entry.path.is_file():
                 entry.path.unlink(missing_ok=True)
             return None
 
