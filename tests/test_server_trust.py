@@ -275,14 +275,20 @@ def rewrite_state(path: Path, edit_doc=None, edit_kv=None) -> None:
     path.write_bytes(b"ACESTEP-KV1\n" + struct.pack("<I", len(head)) + head + payload)
 
 
-def test_a_state_llama_cpp_refuses_is_dropped(tmp_path, converted, noise_image):
-    cache = tmp_path / "states"
+def one_saved_state(cache: Path, converted, noise_image) -> Path:
+    """Serve one conversation and stop: the cache folder then holds exactly its state."""
     first = Server(converted, cache_dir=cache)
     try:
         answers_normally(first, noise_image)
     finally:
         first.stop()
     (saved,) = list(state_folder(cache).glob("*.kv"))
+    return saved
+
+
+def test_a_state_llama_cpp_refuses_is_dropped(tmp_path, converted, noise_image):
+    cache = tmp_path / "states"
+    saved = one_saved_state(cache, converted, noise_image)
     rewrite_state(saved, edit_kv=lambda kv: b"\xff\xff\xff\x7f" + kv[4:])  # an impossible cell count
     second = Server(converted, cache_dir=cache)
     try:
@@ -302,13 +308,8 @@ def test_a_state_llama_cpp_refuses_is_dropped(tmp_path, converted, noise_image):
 
 def test_nothing_in_the_cache_folder_can_stop_it(tmp_path, converted, noise_image):
     cache = tmp_path / "states"
-    first = Server(converted, cache_dir=cache)
-    try:
-        answers_normally(first, noise_image)
-    finally:
-        first.stop()
-    folder = state_folder(cache)
-    (saved,) = list(folder.glob("*.kv"))
+    saved = one_saved_state(cache, converted, noise_image)
+    folder = saved.parent
     os.mkfifo(folder / "fifo.kv")
     (folder / "dir.kv").mkdir()
     (folder / "link.kv").symlink_to("/etc/hostname")
