@@ -83,8 +83,8 @@ def default_model_folder(quant: str | None = None) -> Path:
 
 
 # Options that chat, serve and caption share: declared once.
-MODEL_OPTION = typer.Option(None, "--model", "-m", help="Converted folder (default: $ACESTEP_GGUF_MODEL, else the demo "
-                            "model, converted on first use).")
+MODEL_OPTION = typer.Option(None, "--model", "-m", help="Converted folder, or a model of the store by NAME or "
+                            "NAME:TYPE (default: $ACESTEP_GGUF_MODEL, else the demo model, converted on first use).")
 QUANT_OPTION = typer.Option(None, "--quant", help="Language-model type (default: best present; with the demo model, "
                             "converted on demand).")
 THREADS_OPTION = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
@@ -169,6 +169,74 @@ def convert(
     elif not quiet:
         folder = out_dir or Path(f"{manifest.name}-gguf")
         err.print(f"done: {folder}/manifest.json  (chat with: acestep-gguf chat IMAGE -m {folder})")
+
+
+# -- the model store -------------------------------------------------------------------------------
+@app.command()
+def pull(
+    source: str = typer.Argument(..., help="Checkpoint folder or Hugging Face repo id (owner/name; the local cache "
+                                 "with HF_HUB_OFFLINE=1)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name in the store (default: the source's name)."),
+    quant: str = typer.Option("Q4_K_M", "--quant", "-q", help="Language-model types, comma-separated, or 'all'."),
+    mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type: F16 or Q8_0."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Quantizer threads (default: all cores)."),
+    quiet: bool = typer.Option(False, "--quiet", help="Print errors only."),
+):
+    """Convert a checkpoint into the model store, under a name (`chat -m NAME`, `serve`)."""
+    from .model_store import ModelStore, check_name
+    from .convert.pipeline import _default_name
+    with _errors():
+        store = ModelStore()
+        name = check_name(name if name is not None else _default_name(source, Path(source).expanduser()))
+        with _RichConvertProgress(err.is_terminal and not quiet, not quiet) as p:
+            model = store.pull(source, name, quant=quant, mmproj_quant=mmproj_quant, threads=threads, progress=p)
+    if not quiet:
+        err.print(f"{model.name}: {', '.join(model.types())} in {model.folder}  (chat with: acestep-gguf chat IMAGE -m "
+                  f"{model.name})")
+
+
+@app.command("import")
+def import_(
+    model: Path = typer.Argument(..., help="The language-model .gguf file."),
+    mmproj: Path = typer.Argument(..., help="Its mmproj .gguf file."),
+    name: str = typer.Option(..., "--name", help="Name in the store."),
+    copy: bool = typer.Option(False, "--copy", help="Copy the files (default: hard-link them when the store is on "
+                              "the same file system, else copy)."),
+):
+    """Adopt a GGUF + mmproj pair made elsewhere (the Hub, llama.cpp's scripts), checked as `chat` checks it."""
+    from .model_store import ModelStore
+    with _errors():
+        stored, how = ModelStore().import_pair(model, mmproj, name, copy=copy)
+    err.print(f"{stored.name}: {how} {', '.join(f.file for f in stored.manifest.files)} into {stored.folder}")
+
+
+@app.command("list")
+def list_(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """The models in the store: name, family, types, size, when converted."""
+    from .model_store import ModelStore
+    with _errors():
+        store = ModelStore()
+        models, broken = store.list(), store.problems()
+    if as_json:
+        say(json.dumps({"store": str(store.root), "models": [m.as_dict() for m in models], "broken": broken}, indent=2))
+        return
+    if not models:
+        note(f"no models in {store.root} (add one: acestep-gguf pull SOURCE --name NAME)")
+    for m in models:
+        say(f"{m.name:24} {m.family or '-':12} {','.join(m.types()):20} {_size(m.bytes):>10}  {m.as_dict()['modified']}")
+    for name, why in broken.items():
+        error_line(f"{name}: {why}")
+
+
+@app.command("rm")
+def rm(names: List[str] = typer.Argument(..., help="Model names.")):
+    """Remove models from the store."""
+    from .model_store import ModelStore
+    with _errors():
+        store = ModelStore()
+        for name in names:
+            removed = store.remove(name)
+            err.print(f"removed {removed.name} ({_size(removed.bytes)})")
 
 
 # -- chat ------------------------------------------------------------------------------------------
@@ -325,6 +393,13 @@ def serve(
                                            "name (repeatable; loopback names always)."),
     body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.1, max=3600, help="Seconds a client may take to "
                                        "send a request body (slower: 408)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Serve every model of this store folder (default "
+                                          "without -m: the model store, if it holds any; else the demo model)."),
+    max_loaded: int = typer.Option(1, "--max-loaded", min=1, max=64, help="With a store: models kept loaded at once."),
+    keep_alive: str = typer.Option("5m", "--keep-alive", help="With a store: how long a model stays loaded after use "
+                                   "(30s, 5m, 1h; 0 = unload at once; -1 = forever). Requests may say otherwise."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With a store: memory for loaded models, "
+                                             "with a unit (default: 3/4 of RAM)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log and every request."),
 ):
     """Serve the model over HTTP: OpenAI and Ollama APIs and a chat page at http://HOST:PORT/."""
@@ -332,14 +407,21 @@ def serve(
     from .runtime.offload import parse_size
     from .server import serve as run_server
     with _errors():
-        folder = model or default_model_folder(quant)
+        from .model_store import ModelStore
+        store = ModelStore(models)
+        if model is None and models is None and not store.list():
+            model = default_model_folder(quant)  # an empty store: the demo model, as before
+        folder = model
         states = None if str(cache_dir).lower() == "none" else (cache_dir or cache_folder() / "kv-cache")
-        err.print(f"serving {folder} on http://{host}:{port}/ (OpenAI: /v1, Ollama: /api; Ctrl-C stops)")
+        what = folder if folder is not None else f"the models in {store.root}"
+        err.print(f"serving {what} on http://{host}:{port}/ (OpenAI: /v1, Ollama: /api; Ctrl-C stops)")
         run_server(folder, quant=quant, host=host, port=port, api_key=api_key, n_ctx=ctx, n_threads=threads,
                    n_gpu_layers=gpu_layers_option(gpu_layers), vram=vram, cache_dir=states,
                    cache_size=parse_size(cache_size, "--cache-size"),
                    max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"), cors_origins=cors_origin,
-                   allowed_hosts=allowed_host, body_timeout_s=body_timeout, verbose=verbose)
+                   allowed_hosts=allowed_host, body_timeout_s=body_timeout, models=models, max_loaded=max_loaded,
+                   keep_alive=keep_alive, max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
+                   verbose=verbose)
 
 
 # -- caption ---------------------------------------------------------------------------------------
@@ -379,8 +461,9 @@ def caption(
         with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
             task = bar.add_task("captioning", total=len(files), rate="")
             if ray_address is not None:
+                from .runtime.model_files import store_reference
                 from .runtime.ray_caption import caption_with_ray
-                folder = model or default_model_folder(quant)
+                folder, quant = store_reference(model or default_model_folder(quant), quant)  # a name: its folder
 
                 def progress(p):
                     bar.update(task, advance=1, rate=f"{p['images_per_s']:.2f} img/s, {p['failed']} failed")

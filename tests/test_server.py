@@ -27,9 +27,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, folder: Path, *args: str, cache_dir: Path | None = None, quant: str = "Q8_0"):
+    def __init__(self, folder: Path | None, *args: str, cache_dir: Path | None = None, quant: str = "Q8_0",
+                 models: Path | None = None):
+        """One model (``folder``), or every model of the store folder ``models``."""
         self.port = free_port()
-        self.args = ["serve", "-m", str(folder), "--port", str(self.port), "--ctx", "4096", "--quant", quant,
+        which = ["--models", str(models)] if models is not None else ["-m", str(folder), "--quant", quant]
+        self.args = ["serve", *which, "--port", str(self.port), "--ctx", "4096",
                      "--cache-dir", str(cache_dir) if cache_dir else "none", *args]
         self.proc = subprocess.Popen([sys.executable, "-m", "acestep_gguf", *self.args], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
@@ -302,7 +305,7 @@ def test_a_client_that_gives_up_while_waiting_never_cancels_the_one_being_served
         deadline = time.time() + 30
         while s.stats()["dropped"] != 1 and time.time() < deadline:
             time.sleep(0.05)
-        assert s.stats() | {"images_encoded": None, "state_cache": None} == {
-            "requests": 1, "waiting": 0, "dropped": 1, "images_encoded": None, "state_cache": None}
+        assert s.stats() | {"images_encoded": None, "state_cache": None, "models": None} == {
+            "requests": 1, "waiting": 0, "dropped": 1, "images_encoded": None, "state_cache": None, "models": None}
     finally:
         s.stop()

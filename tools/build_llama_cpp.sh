@@ -12,7 +12,8 @@
 # (.1 was the same build with AMX; it is rebuilt.)
 #
 # It also keeps llama.cpp's Qwen2 and Llama (SentencePiece) tokenizer test vectors
-# (models/ggml-vocab-{qwen2,llama-spm}.gguf + .inp/.out)
+# (models/ggml-vocab-{qwen2,llama-spm}.gguf + .inp/.out) and llama.cpp's own checkpoint converter
+# (convert_hf_to_gguf.py with its conversion/ and gguf-py/, for the `import` test: a pair made elsewhere)
 # in $ACESTEP_GGUF_TEST_DATA (default ~/.cache/acestep-gguf/test-data): the test suite reads them
 # there and never downloads anything itself.
 set -euo pipefail
@@ -22,7 +23,10 @@ DATA="${ACESTEP_GGUF_TEST_DATA:-$HOME/.cache/acestep-gguf/test-data}/llama-cpp-p
 VOCABS="ggml-vocab-qwen2.gguf ggml-vocab-llama-spm.gguf"
 TAG=acestep.2
 installed() { "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$VERSION+$TAG' else 1)" 2>/dev/null; }
-have_data() { for v in $VOCABS; do for s in "" .inp .out; do [ -f "$DATA/$v$s" ] || return 1; done; done; }
+have_data() {
+  for v in $VOCABS; do for s in "" .inp .out; do [ -f "$DATA/$v$s" ] || return 1; done; done
+  [ -f "$DATA/llama.cpp-convert/convert_hf_to_gguf.py" ]
+}
 if installed && [ -z "${FORCE:-}" ] && have_data; then
   echo "llama-cpp-python $VERSION+$TAG is already installed (FORCE=1 rebuilds it)"
   exit 0
@@ -35,6 +39,9 @@ tar -xzf "$work"/llama_cpp_python-$VERSION.tar.gz -C "$work"
 src="$work/llama_cpp_python-$VERSION"
 mkdir -p "$DATA"
 for v in $VOCABS; do for suffix in "" .inp .out; do cp "$src/vendor/llama.cpp/models/$v$suffix" "$DATA/"; done; done
+rm -rf "$DATA/llama.cpp-convert" && mkdir -p "$DATA/llama.cpp-convert"
+cp -r "$src/vendor/llama.cpp/convert_hf_to_gguf.py" "$src/vendor/llama.cpp/conversion" "$src/vendor/llama.cpp/gguf-py" \
+  "$DATA/llama.cpp-convert/"
 if installed && [ -z "${FORCE:-}" ]; then
   echo "llama-cpp-python $VERSION+$TAG is already installed; tokenizer test data kept in $DATA"
   exit 0

@@ -9,6 +9,7 @@ from gguf import GGUFValueType
 
 from ..errors import ModelFilesError
 from ..manifest import MANIFEST, Manifest
+from ..model_store import ModelStore, looks_like_name
 from ..models.registry import FAMILIES, for_gguf
 from ..quant_types import name_of_file_type
 from .gguf_header import read_header
@@ -122,8 +123,8 @@ def resolve(folder: str | Path | None = None, *, model: str | Path | None = None
         ftype = read_fields(model, "language model").get("general.file_type")
         return ModelFiles(model, mmproj, model.stem, name_of_file_type(ftype))
     if folder is None:
-        raise ModelFilesError("no model given: pass a converted folder, or model= and mmproj=")
-    folder = Path(folder).expanduser()
+        raise ModelFilesError("no model given: pass a converted folder, a model name, or model= and mmproj=")
+    folder, quant = store_reference(folder, quant)
     if not folder.is_dir():
         raise ModelFilesError(f"{folder}: no such folder (convert a checkpoint first: acestep-gguf convert SOURCE)")
     manifest = Manifest.read(folder)
@@ -133,6 +134,18 @@ def resolve(folder: str | Path | None = None, *, model: str | Path | None = None
         if not (folder / entry.file).is_file():
             raise ModelFilesError(f"{folder / entry.file}: listed in {MANIFEST} but missing")
     return ModelFiles(folder / lang.file, folder / vision.file, manifest.name, lang.type)
+
+
+def store_reference(reference, quant: str | None = None) -> tuple[Path, str | None]:
+    """A folder as given, or — when no such path exists — a model of the store by 'name' or
+    'name:TYPE' (an explicit ``quant`` must agree with the TYPE)."""
+    path = Path(reference).expanduser()
+    if path.exists() or not looks_like_name(str(reference)):
+        return path, quant
+    folder, tag = ModelStore().resolve(str(reference))
+    if quant and tag and quant.upper() != tag:
+        raise ModelFilesError(f"{reference}: names type {tag} but {quant} was asked for")
+    return folder, quant or tag
 
 
 def check_pair(model_fields: dict, mmproj_fields: dict, files: ModelFiles) -> None:

@@ -37,21 +37,23 @@ def cache_folder_problem(folder: Path) -> str | None:
     return None
 
 
-def serve(folder: Path, *, quant: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+def serve(folder: Path | None, *, quant: str | None = None, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
           api_key: str | None = None, n_ctx: int = 8192, n_threads: int | None = None, n_gpu_layers="auto",
           vram=None, cache_dir: Path | None = None, cache_size: int = 4 << 30, max_image_bytes: int = 16 << 20,
           cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None, body_timeout_s: float = 30.0,
+          models: Path | None = None, max_loaded: int = 1, keep_alive: str = "5m", max_memory: int | None = None,
           verbose: bool = False) -> None:
-    """Load the model and serve until SIGINT / SIGTERM: then running streams end with their final
-    chunk, the conversation states are saved, and it returns (exit code 0)."""
+    """Serve one model (``folder``: a converted folder or a store name) or, with ``folder`` None, every
+    model of the store (``models``, default the user's) until SIGINT / SIGTERM: then running streams
+    end with their final chunk, the conversation states are saved, and it returns (exit code 0)."""
     import uvicorn
 
-    from ..manifest import Manifest
-    from ..runtime.chat import VisionChat
+    from ..model_store import ModelStore
+    from ..runtime.model_files import store_reference
     from .app import Settings, create_app, is_loopback
     from .connections import GuardedH11, quiet_logs, raise_open_file_limit
-    from .engine import Engine
-    from .store import StateLimits, StateStore
+    from .pool import ModelPool, keep_alive_seconds
+    from .limits import RequestError
 
     api_key = api_key or os.environ.get("ACESTEP_GGUF_API_KEY") or None
     if not is_loopback(host) and not api_key:
@@ -62,25 +64,78 @@ def serve(folder: Path, *, quant: str | None = None, host: str = "127.0.0.1", po
         why = cache_folder_problem(Path(cache_dir))
         if why:
             raise OptionError(f"--cache-dir {cache_dir}: {why} (give a writable folder, or 'none')")
+    if not 1 <= max_loaded <= 64:
+        raise OptionError(f"--max-loaded {max_loaded}: from 1 to 64")
+    try:
+        default_keep = keep_alive_seconds(keep_alive, "--keep-alive")
+    except RequestError as e:
+        raise OptionError(e.message) from None
+    os.environ["HF_HUB_OFFLINE"] = "1"  # the server never downloads (/api/pull converts from the local cache)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     quiet_logs()
     raise_open_file_limit()
-    chat = VisionChat.load(folder, quant=quant, n_ctx=n_ctx, n_threads=n_threads or server_threads(),
-                           n_gpu_layers=n_gpu_layers, vram=vram, verbose=verbose)
+    threads = n_threads or server_threads()
+
+    def load(model_folder: Path, model_quant: str | None):
+        return load_engine(model_folder, model_quant, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
+                           vram=vram, cache_dir=cache_dir, cache_size=cache_size, verbose=verbose)
+
+    if folder is not None:
+        folder, quant = store_reference(folder, quant)
+        engine = load(folder, quant)  # at start: a broken model is one line now, not on the first request
+        pool = ModelPool(load, fixed=(engine.name, folder, engine.chat.quant))
+        pool.pin(engine, model_memory(folder, engine.chat.quant, n_ctx))
+    else:
+        store = ModelStore(models)
+        pool = ModelPool(load, store=store, max_loaded=max_loaded, keep_alive=default_keep,
+                         max_bytes=max_memory or memory_budget(),
+                         memory_of=lambda f, q: model_memory(f, q, n_ctx))
+    settings = Settings(host=host, api_key=api_key, cors_origins=cors_origins or [], allowed_hosts=allowed_hosts or [],
+                        max_image_bytes=max_image_bytes, body_timeout_s=body_timeout_s)
+    config = uvicorn.Config(create_app(pool, settings), host=host, port=port, http=GuardedH11,
+                            log_level="info" if verbose else "warning", timeout_graceful_shutdown=5,
+                            timeout_keep_alive=5, h11_max_incomplete_event_size=16 << 10, backlog=256)
+    _server(config, pool.shutdown).run()
+
+
+def load_engine(folder: Path, quant: str | None, *, n_ctx: int, n_threads: int, n_gpu_layers, vram,
+                cache_dir: Path | None, cache_size: int, verbose: bool):
+    """One model ready to serve: the loaded VisionChat, its saved-state store (a subfolder per model
+    identity under ``cache_dir``) and the facts the APIs report about it."""
+    from ..manifest import Manifest
+    from ..runtime.chat import VisionChat
+    from .engine import Engine
+    from .store import StateLimits, StateStore
+    chat = VisionChat.load(folder, quant=quant, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
+                           vram=vram, verbose=verbose)
     manifest = Manifest.read(folder)
     used = [f for f in manifest.files if f.file in (chat.files.model.name, chat.files.mmproj.name)]
     model_id = hashlib.sha256(f"{[(f.file, f.sha256) for f in used]}:{n_ctx}".encode()).hexdigest()[:16]
-    limits = StateLimits(chat.n_ctx, chat.n_vocab, chat.image_size)
-    store = StateStore(cache_size, Path(cache_dir) if cache_dir is not None else None, model_id, limits)
+    store = StateStore(cache_size, Path(cache_dir) if cache_dir is not None else None, model_id,
+                       StateLimits(chat.n_ctx, chat.n_vocab, chat.image_size))
     engine = Engine(chat, store, manifest.name)
-    settings = Settings(host=host, api_key=api_key, cors_origins=cors_origins or [], allowed_hosts=allowed_hosts or [],
-                        max_image_bytes=max_image_bytes, body_timeout_s=body_timeout_s, n_ctx=n_ctx, model_bytes=sum(f.bytes for f in used),
-                        model_digest=model_id, details={"format": "gguf", "family": manifest.source.get("family", ""),
-                                                        "quantization_level": chat.quant, "parameter_size": ""})
-    config = uvicorn.Config(create_app(engine, settings), host=host, port=port, http=GuardedH11,
-                            log_level="info" if verbose else "warning", timeout_graceful_shutdown=5,
-                            timeout_keep_alive=5, h11_max_incomplete_event_size=16 << 10, backlog=256)
-    _server(config, engine.shutdown).run()
+    engine.n_ctx, engine.digest = n_ctx, model_id
+    engine.details = {"format": "gguf", "family": manifest.source.get("family", ""), "families": None,
+                      "quantization_level": chat.quant, "parameter_size": "", "parent_model": ""}
+    return engine
+
+
+def model_memory(folder: Path, quant: str | None, n_ctx: int) -> int:
+    """What a model takes in memory once loaded: its files and its KV cache (the planner's figures)."""
+    from ..runtime.model_files import resolve
+    from ..runtime.offload import kv_bytes_per_layer, shape_from_gguf
+    files = resolve(folder, quant=quant)
+    shape = shape_from_gguf(files.model, files.mmproj)
+    return files.model.stat().st_size + files.mmproj.stat().st_size + \
+        kv_bytes_per_layer(shape, n_ctx) * len(shape.layer_bytes)
+
+
+def memory_budget() -> int:
+    """Three quarters of the machine's memory, for the models a store server keeps loaded."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.75)
+    except (ValueError, OSError):
+        return 8 << 30
 
 
 def _server(config, on_signal):

@@ -28,6 +28,7 @@ from . import limits, ollama_api, openai_api
 from .engine import Engine, Result
 from .guard import Guard, error_for, is_loopback  # noqa: F401 (is_loopback: serve's bind check)
 from .limits import RequestError
+from .pool import FOREVER, ModelPool
 
 
 @dataclass
@@ -42,11 +43,6 @@ class Settings:
     max_images: int = 8
     max_image_bytes: int = 16 << 20
     max_decoded_image_bytes: int = 100 << 20  # one picture as decoded pixels (a 25-megapixel photo)
-    n_ctx: int = 0
-    model_bytes: int = 0
-    model_digest: str = ""
-    details: dict = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
 
 
 def openai_error(status: int, message: str, param=None, code=None) -> JSONResponse:
@@ -118,8 +114,32 @@ async def prepared(engine: Engine, messages: list[dict], sampling: dict, setting
         raise RequestError(400, str(e), "messages", "invalid_image") from None
 
 
-def context_message(e: ContextFullError, settings: Settings) -> str:
-    return f"{e} (the server runs with --ctx {settings.n_ctx}: shorten the conversation or restart it with a larger --ctx)"
+def context_message(e: ContextFullError, n_ctx: int) -> str:
+    return f"{e} (the server runs with --ctx {n_ctx}: shorten the conversation or restart it with a larger --ctx)"
+
+
+def engine_stats(engine: Engine) -> dict:
+    store = engine.store
+    return {"requests": engine.requests, "waiting": engine.waiting, "dropped": engine.dropped,
+            "images_encoded": engine.chat.images_encoded_total,
+            "state_cache": {"entries": len(store.entries), "bytes": store.n_bytes, "hits": store.hits,
+                            "misses": store.misses, "dropped": store.dropped}}
+
+
+def model_facts(row, with_template: bool = False):
+    """(bytes, digest, details[, chat template]) of a catalog row, from its manifest and GGUF header:
+    nothing is loaded."""
+    from ..manifest import Manifest
+    from ..runtime.model_files import read_fields
+    _, name, folder, quant = row
+    manifest = Manifest.read(folder)
+    lang, vision = manifest.pick("language", quant), manifest.pick("vision", None)
+    details = {"format": "gguf", "family": manifest.source.get("family", ""), "families": None,
+               "quantization_level": quant, "parameter_size": "", "parent_model": ""}
+    facts = (lang.bytes + vision.bytes, lang.sha256, details)
+    if with_template:
+        return facts + (read_fields(folder / lang.file, "language model").get("tokenizer.chat_template", ""),)
+    return facts
 
 
 async def watch_disconnect(request: Request, result: Result, done: asyncio.Event) -> None:
@@ -143,93 +163,121 @@ async def collect(request: Request, engine: Engine, messages, sampling) -> Resul
     return result
 
 
-def create_app(engine: Engine, settings: Settings) -> Starlette:
-    name = engine.name
+def create_app(pool: ModelPool, settings: Settings) -> Starlette:
     bodies, decoding = _Bodies(), asyncio.Lock()
+    single = pool.fixed is not None
+
+    def public_id(row) -> str:
+        return row[1] if single else row[0]  # one model: its plain name, as before; a store: name:TYPE
+
+    def ollama_id(row) -> str:
+        return f"{row[1]}:latest" if single else row[0]
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok", "model": name})
+        return JSONResponse({"status": "ok", "model": pool.fixed[0] if single else None,
+                             "models": len(pool.catalog())})
 
     async def stats(request: Request):
-        return JSONResponse({"requests": engine.requests, "waiting": engine.waiting, "dropped": engine.dropped,
-                             "images_encoded": engine.chat.images_encoded_total,
-                             "state_cache": {"entries": len(engine.store.entries), "bytes": engine.store.n_bytes,
-                                             "hits": engine.store.hits, "misses": engine.store.misses,
-                                             "dropped": engine.store.dropped}})
+        per = {e.id: engine_stats(e.engine) for e in pool.loaded()}
+        total = {k: sum(v[k] for v in per.values()) for k in ("requests", "waiting", "dropped", "images_encoded")}
+        cache = {k: sum(v["state_cache"][k] for v in per.values()) for k in ("entries", "bytes", "hits", "misses",
+                                                                             "dropped")}
+        return JSONResponse({**total, "state_cache": cache, "models": per})
 
     async def models(request: Request):
-        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                                         "owned_by": "acestep-gguf"}]})
+        return JSONResponse({"object": "list", "data": [{"id": public_id(row), "object": "model", "created": 0,
+                                                         "owned_by": "acestep-gguf"} for row in pool.catalog()]})
 
     async def chat_completions(request: Request):
+        stack = contextlib.AsyncExitStack()
         try:
             body = await read_json(request, settings, bodies)
-            messages, sampling, stream, include_usage = openai_api.parse_request(body, name, settings.max_images)
+            messages, sampling, stream, include_usage = openai_api.parse_request(body, settings.max_images)
+            engine = await stack.enter_async_context(pool.use(body.get("model")))
             messages = await prepared(engine, messages, sampling, settings, decoding, "response_format")
         except RequestError as e:
+            await stack.aclose()
             return openai_error(e.status, e.message, e.param, e.code)
         except Gone:
+            await stack.aclose()
             return Response(status_code=400)
-        ids = openai_api.Ids(name)
+        except BaseException:
+            await stack.aclose()
+            raise
+        ids = openai_api.Ids(body["model"])
         if not stream:
             try:
                 result = await collect(request, engine, messages, sampling)
             except ContextFullError as e:
-                return openai_error(400, context_message(e, settings), "messages", "context_length_exceeded")
+                return openai_error(400, context_message(e, engine.n_ctx), "messages", "context_length_exceeded")
             except AcestepGGUFError as e:
                 return openai_error(400, str(e), None, "invalid_request")
+            finally:
+                await stack.aclose()
             return JSONResponse(ids.completion(result.text, result.stats))
 
         async def events():
-            result = Result()
-            yield ids.chunk({"role": "assistant", "content": ""})
-            try:
-                async for piece in engine.generate(messages, sampling, result):
-                    yield ids.chunk({"content": piece})
-            except AcestepGGUFError as e:
-                full = isinstance(e, ContextFullError)
-                yield json.dumps({"error": {"message": context_message(e, settings) if full else str(e),
-                                            "type": "invalid_request_error", "param": None,
-                                            "code": "context_length_exceeded" if full else None}})
+            async with stack:
+                result = Result()
+                yield ids.chunk({"role": "assistant", "content": ""})
+                try:
+                    async for piece in engine.generate(messages, sampling, result):
+                        yield ids.chunk({"content": piece})
+                except AcestepGGUFError as e:
+                    full = isinstance(e, ContextFullError)
+                    yield json.dumps({"error": {"message": context_message(e, engine.n_ctx) if full else str(e),
+                                                "type": "invalid_request_error", "param": None,
+                                                "code": "context_length_exceeded" if full else None}})
+                    yield "[DONE]"
+                    return
+                yield ids.chunk({}, openai_api.FINISH.get(result.stats.finish_reason, "stop"))
+                if include_usage:
+                    yield ids.usage_chunk(result.stats)
                 yield "[DONE]"
-                return
-            yield ids.chunk({}, openai_api.FINISH.get(result.stats.finish_reason, "stop"))
-            if include_usage:
-                yield ids.usage_chunk(result.stats)
-            yield "[DONE]"
         # on shutdown the engine cancels the running turn: the stream gets its final chunk and [DONE]
         # within the grace period instead of being cut (sse-starlette's default)
         return EventSourceResponse(events(), ping=15, shutdown_grace_period=4)
 
     async def ollama(request: Request, parse, shape):
+        stack = contextlib.AsyncExitStack()
         try:
             body = await read_json(request, settings, bodies)
-            messages, sampling, stream = parse(body, name, settings.max_images)
+            messages, sampling, stream, keep_alive = parse(body, settings.max_images)
+            engine = await stack.enter_async_context(pool.use(body.get("model"), keep_alive))
             messages = await prepared(engine, messages, sampling, settings, decoding, "format")
         except RequestError as e:
+            await stack.aclose()
             return JSONResponse({"error": e.message}, status_code=e.status)
         except Gone:
+            await stack.aclose()
             return Response(status_code=400)
+        except BaseException:
+            await stack.aclose()
+            raise
         started = time.perf_counter()
         model = body["model"]
         if not stream:
             try:
                 result = await collect(request, engine, messages, sampling)
             except AcestepGGUFError as e:
-                return JSONResponse({"error": context_message(e, settings) if isinstance(e, ContextFullError)
+                return JSONResponse({"error": context_message(e, engine.n_ctx) if isinstance(e, ContextFullError)
                                      else str(e)}, status_code=400)
+            finally:
+                await stack.aclose()
             return JSONResponse(ollama_api.final(model, result.stats, started, shape(result.text)))
 
         async def lines():
-            result = Result()
-            try:
-                async for piece in engine.generate(messages, sampling, result):
-                    yield json.dumps({"model": model, "created_at": ollama_api.now(), **shape(piece), "done": False}) + "\n"
-            except AcestepGGUFError as e:
-                yield json.dumps({"error": context_message(e, settings) if isinstance(e, ContextFullError)
-                                  else str(e)}) + "\n"
-                return
-            yield json.dumps(ollama_api.final(model, result.stats, started, shape(""))) + "\n"
+            async with stack:
+                result = Result()
+                try:
+                    async for piece in engine.generate(messages, sampling, result):
+                        yield json.dumps({"model": model, "created_at": ollama_api.now(), **shape(piece),
+                                          "done": False}) + "\n"
+                except AcestepGGUFError as e:
+                    yield json.dumps({"error": context_message(e, engine.n_ctx) if isinstance(e, ContextFullError)
+                                      else str(e)}) + "\n"
+                    return
+                yield json.dumps(ollama_api.final(model, result.stats, started, shape(""))) + "\n"
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     async def api_chat(request: Request):
@@ -239,24 +287,88 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
         return await ollama(request, ollama_api.parse_generate, lambda text: {"response": text})
 
     async def api_tags(request: Request):
-        return JSONResponse(ollama_api.tags(name, settings.model_bytes, settings.model_digest, settings.details))
+        return JSONResponse({"models": [ollama_api.tag(ollama_id(row), *model_facts(row)) for row in pool.catalog()]})
 
     async def api_ps(request: Request):
-        return JSONResponse(ollama_api.ps(name, settings.model_bytes, settings.model_digest, settings.details,
-                                          settings.n_ctx, engine.chat.n_gpu_layers > 0))
+        now, wall = time.monotonic(), time.time()
+        return JSONResponse({"models": [ollama_api.running(
+            ollama_id((e.id, e.name)), e.bytes, model_facts((e.id, e.name, e.folder, e.quant))[1], e.engine.details,
+            e.engine.n_ctx, e.engine.chat.n_gpu_layers > 0, None if e.expires == FOREVER else wall + e.expires - now)
+            for e in pool.loaded()]})
 
     async def api_show(request: Request):
         try:
             body = await read_json(request, settings, bodies)
-            ollama_api.served_name(body.get("model", body.get("name")) if isinstance(body, dict) else None, name)
+            row = pool.lookup(body.get("model", body.get("name")) if isinstance(body, dict) else None)
         except RequestError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
         except Gone:
             return Response(status_code=400)
+        size, digest, details, template = model_facts(row, with_template=True)
         return JSONResponse({"modelfile": f"# served by acestep-gguf {__version__}", "parameters": "",
-                             "template": engine.chat.chat_template, "details": settings.details,
-                             "model_info": {"general.architecture": settings.details.get("family", "")},
+                             "template": template, "details": details,
+                             "model_info": {"general.architecture": details.get("family", "")},
                              "capabilities": ["completion", "vision"]})
+
+    async def api_delete(request: Request):
+        try:
+            body = await read_json(request, settings, bodies)
+            if single:
+                raise RequestError(400, "this server serves one model; remove models with `acestep-gguf rm`")
+            row = pool.lookup(body.get("model", body.get("name")) if isinstance(body, dict) else None)
+            stored = pool.store.get(row[1])
+            if len(stored.types()) > 1 and body.get("model", body.get("name")) == row[0]:
+                raise RequestError(400, f"{row[1]} has {', '.join(stored.types())}: delete removes the whole model; "
+                                   f"name it as '{row[1]}'")
+            for other in [r for r in pool.catalog() if r[1] == row[1]]:
+                if not await pool.unload(other[0]):
+                    raise RequestError(409, f"{other[0]} is answering a request; try again when it is done")
+            await asyncio.to_thread(pool.store.remove, row[1])
+        except RequestError as e:
+            return JSONResponse({"error": e.message}, status_code=e.status)
+        except Gone:
+            return Response(status_code=400)
+        except AcestepGGUFError as e:
+            return JSONResponse({"error": str(e)}, status_code=409)
+        return JSONResponse({})
+
+    async def api_pull(request: Request):
+        try:
+            body = await read_json(request, settings, bodies)
+            if single:
+                raise RequestError(400, "this server serves one model; start `serve` without -m to serve the store")
+            source, name, quant, stream = ollama_api.parse_pull(body)
+        except RequestError as e:
+            return JSONResponse({"error": e.message}, status_code=e.status)
+        except Gone:
+            return Response(status_code=400)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        progress = ollama_api.PullProgress(lambda status: loop.call_soon_threadsafe(queue.put_nowait, status))
+
+        def work():
+            try:
+                pool.store.pull(source, name, quant=quant, progress=progress)
+                return None
+            except AcestepGGUFError as e:
+                return str(e)
+
+        task = asyncio.ensure_future(asyncio.to_thread(work))
+        if not stream:
+            problem = await task
+            return JSONResponse({"error": problem} if problem else {"status": "success"},
+                                status_code=400 if problem else 200)
+
+        async def statuses():
+            yield json.dumps({"status": f"converting {source} into {name}"}) + "\n"
+            while not (task.done() and queue.empty()):
+                try:
+                    yield json.dumps(await asyncio.wait_for(queue.get(), 0.5)) + "\n"
+                except asyncio.TimeoutError:
+                    continue
+            problem = task.result()
+            yield json.dumps({"error": problem} if problem else {"status": "success"}) + "\n"
+        return StreamingResponse(statuses(), media_type="application/x-ndjson")
 
     async def api_version(request: Request):
         return JSONResponse({"version": ollama_api.VERSION})
@@ -269,6 +381,7 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/api/chat", api_chat, methods=["POST"]), Route("/api/generate", api_generate, methods=["POST"]),
         Route("/api/tags", api_tags), Route("/api/ps", api_ps), Route("/api/show", api_show, methods=["POST"]),
+        Route("/api/delete", api_delete, methods=["DELETE"]), Route("/api/pull", api_pull, methods=["POST"]),
         Route("/api/version", api_version),
     ]
     middleware = [Middleware(Guard, settings=settings)]
@@ -289,8 +402,8 @@ def create_app(engine: Engine, settings: Settings) -> Starlette:
     async def lifespan(app):
         try:
             yield
-        finally:  # SIGTERM / Ctrl-C: keep the cached conversation for the next start, free the model
-            await asyncio.to_thread(engine.close)
+        finally:  # SIGTERM / Ctrl-C: keep the cached conversations for the next start, free the models
+            await asyncio.to_thread(pool.close)
 
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                      exception_handlers={404: not_found, 405: method_not_allowed, 500: server_error})

@@ -1,5 +1,6 @@
 """Ollama's API (what many desktop apps speak): /api/chat and /api/generate with base64 images,
-NDJSON streaming, `format` (json or a JSON schema) and `options`; /api/tags, /api/show, /api/version."""
+NDJSON streaming, `format` (json or a JSON schema), `options` and `keep_alive`; /api/tags, /api/ps,
+/api/show, /api/pull, /api/delete, /api/version. Which model a request names is server/pool.py's."""
 
 from __future__ import annotations
 
@@ -12,12 +13,6 @@ from .limits import RequestError
 
 VERSION = "0.12.0"  # the Ollama API version whose shapes these follow
 DONE_REASON = {"stop": "stop", "length": "length", "context": "length", "cancelled": "stop", "error": "stop"}
-
-
-def served_name(model, served: str) -> None:
-    """Ollama clients say "name" or "name:tag"."""
-    if not isinstance(model, str) or model.split(":")[0] not in (served, "default"):
-        raise RequestError(404, f"model '{model}' not found (this server serves '{served}')", "model", "model_not_found")
 
 
 def _images(raw, where: str, max_images: int, count: list) -> list[dict]:
@@ -62,10 +57,10 @@ def _options(body: dict) -> dict:
     return sampling
 
 
-def parse_chat(body, served: str, max_images: int) -> tuple[list[dict], dict, bool]:
+def parse_chat(body, max_images: int) -> tuple[list[dict], dict, bool, object]:
+    """(messages, sampling, stream, keep_alive or None)."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
-    served_name(body.get("model"), served)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise RequestError(400, "'messages' must be a non-empty list", "messages")
@@ -79,13 +74,12 @@ def parse_chat(body, served: str, max_images: int) -> tuple[list[dict], dict, bo
     if messages[-1]["role"] != "user":
         raise RequestError(400, "the last message must be from the user", "messages")
     limits.check_messages(messages)
-    return messages, _options(body), _stream(body)
+    return messages, _options(body), _stream(body), body.get("keep_alive")
 
 
-def parse_generate(body, served: str, max_images: int) -> tuple[list[dict], dict, bool]:
+def parse_generate(body, max_images: int) -> tuple[list[dict], dict, bool, object]:
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
-    served_name(body.get("model"), served)
     prompt, system = body.get("prompt", ""), body.get("system")
     if not isinstance(prompt, str) or not (system is None or isinstance(system, str)):
         raise RequestError(400, "'prompt' and 'system' must be strings", "prompt")
@@ -93,7 +87,45 @@ def parse_generate(body, served: str, max_images: int) -> tuple[list[dict], dict
     parts = _images(body.get("images"), "images", max_images, [0])
     messages.append({"role": "user", "content": parts + [{"type": "text", "text": prompt}]})
     limits.check_messages(messages)
-    return messages, _options(body), _stream(body)
+    return messages, _options(body), _stream(body), body.get("keep_alive")
+
+
+def parse_pull(body) -> tuple[str, str, str, bool]:
+    """(source, store name, types, stream) of an /api/pull: `model` is a checkpoint folder or a repo id
+    in the local Hugging Face cache (the server never downloads), `name` the store name (default: the
+    source's last part), `quant` the types (default Q4_K_M)."""
+    from ..model_store import check_name
+    if not isinstance(body, dict) or not isinstance(body.get("model", body.get("name")), str):
+        raise RequestError(400, "'model' must name a checkpoint folder or a repo id in the local Hugging Face cache")
+    source = body.get("model", body.get("name"))
+    name, quant = body.get("as", source.rstrip("/").split("/")[-1]), body.get("quant", "Q4_K_M")
+    if not isinstance(name, str) or not isinstance(quant, str):
+        raise RequestError(400, "'as' and 'quant' must be strings")
+    try:
+        check_name(name.partition(":")[0])
+    except Exception as e:
+        raise RequestError(400, str(e)) from None
+    return source, name.partition(":")[0], quant, _stream(body)
+
+
+class PullProgress:
+    """The converter's progress as Ollama's pull statuses ({status, digest, total, completed})."""
+
+    def __init__(self, post):
+        self.post, self.name, self.total = post, "", 0
+
+    def phase(self, name: str, total: int, unit: str) -> None:
+        self.name, self.total = name, total
+        self.post({"status": name, "digest": name, "total": total, "completed": 0})
+
+    def advance(self, completed: int) -> None:
+        self.post({"status": self.name, "digest": self.name, "total": self.total, "completed": completed})
+
+    def file_done(self, entry, reused: bool) -> None:
+        self.post({"status": f"{'kept' if reused else 'wrote'} {entry.file}"})
+
+    def note(self, text: str) -> None:
+        self.post({"status": f"note: {text}"})
 
 
 def _stream(body: dict) -> bool:
@@ -116,13 +148,13 @@ def final(model: str, stats: TurnStats, started: float, extra: dict) -> dict:
             "acestep": {"cached_tokens": stats.reused_positions, "images_encoded": stats.images_encoded}}
 
 
-def tags(name: str, size: int, digest: str, details: dict) -> dict:
-    return {"models": [{"name": f"{name}:latest", "model": f"{name}:latest", "modified_at": now(), "size": size,
-                        "digest": digest, "details": details}]}
+def tag(name: str, size: int, digest: str, details: dict) -> dict:
+    return {"name": name, "model": name, "modified_at": now(), "size": size, "digest": digest, "details": details}
 
 
-def ps(name: str, size: int, digest: str, details: dict, n_ctx: int, on_gpu: bool) -> dict:
-    """/api/ps: the one model this server holds; it stays loaded until the server stops (no expiry)."""
-    return {"models": [{"name": f"{name}:latest", "model": f"{name}:latest", "size": size, "digest": digest,
-                        "details": details, "expires_at": "9999-12-31T23:59:59Z", "size_vram": size if on_gpu else 0,
-                        "context_length": n_ctx}]}
+def running(name: str, size: int, digest: str, details: dict, n_ctx: int, on_gpu: bool, expires: float | None) -> dict:
+    """An /api/ps entry; ``expires`` is a Unix time, None for never (a single-model server's model)."""
+    when = "9999-12-31T23:59:59Z" if expires is None else \
+        datetime.fromtimestamp(expires, timezone.utc).isoformat().replace("+00:00", "Z")
+    return {"name": name, "model": name, "size": size, "digest": digest, "details": details, "expires_at": when,
+            "size_vram": size if on_gpu else 0, "context_length": n_ctx}

@@ -94,15 +94,11 @@ def schema_for(response_format):
                        "invalid_value")
 
 
-def parse_request(body, served: str, max_images: int) -> tuple[list[dict], dict, bool, bool]:
+def parse_request(body, max_images: int) -> tuple[list[dict], dict, bool, bool]:
     """(messages, sampling options, stream, include usage in the stream). A JSON schema is left in
     sampling["schema"] for the caller to compile (limits.grammar) off the event loop."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object", None, "invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or model not in (served, "default"):
-        raise RequestError(404, f"The model '{model}' does not exist (this server serves '{served}')", "model",
-                           "model_not_found")
     messages = parse_messages(body.get("messages"), max_images)
     max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, True) or _number(body, "max_tokens", 1, 1 << 20, True)
     sampling = {"max_tokens": max_tokens, "temperature": _number(body, "temperature", 0, 2),
