@@ -214,11 +214,17 @@ def test_a_slow_body_times_out_and_aborted_uploads_log_no_tracebacks(converted, 
             c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                       b"Content-Length: 1000000\r\n\r\n" + b"x" * 5000)
             c.close()
+        for _ in range(200):  # a flood of malformed requests: each is logged by uvicorn, but not 200 times
+            c = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            c.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+            c.recv(1024)
+            c.close()
         time.sleep(1)
         answers_normally(s, noise_image)
     finally:
         log = s.stop()
     assert "Traceback" not in log, log[-2000:]
+    assert 1 <= log.count("Invalid HTTP request") <= 10  # rate-limited: 5 per 10 s, then counted
 
 
 # -- text -----------------------------------------------------------------------------------------------
@@ -420,3 +426,20 @@ def test_context_errors_speak_of_the_servers_ctx(server):
     status, raw = server.post("/v1/chat/completions", {"model": "tiny-llava", "messages": [
         {"role": "user", "content": "word " * 5000}]})
     assert status == 400 and "--ctx 4096" in json.loads(raw)["error"]["message"] and "reset()" not in raw.decode()
+
+
+def test_large_pictures_that_are_accepted_are_freed_afterwards(server, noise_image):
+    """A 20-megapixel photo (80 MiB of decoded pixels, within the limit) five times in a row: the server's
+    memory does not grow by a picture per request."""
+    gradient = np.linspace(0, 255, 5000, dtype=np.float32)[None, :, None] * np.ones((4000, 1, 3), np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(gradient.astype(np.uint8)).save(buf, "JPEG", quality=80)
+    body = {"model": "tiny-llava", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()}},
+        {"type": "text", "text": "hi"}]}]}
+    assert server.post("/v1/chat/completions", body)[0] == 200
+    after_one = server.rss()
+    for _ in range(4):
+        assert server.post("/v1/chat/completions", body)[0] == 200
+    assert server.rss() - after_one < 100 * MIB
+    answers_normally(server, noise_image)

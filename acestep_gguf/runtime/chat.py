@@ -38,7 +38,7 @@ from ..system import default_threads
 from ..templates import (KNOWN_PLACEHOLDERS, MEDIA_MARKER, PLACEHOLDER_KEY, ImageStyle, TemplateFailed, compile_template,
                          image_style)
 from .generation import SamplingOptions, TurnStats, generate
-from .images import PreparedImage, prepare
+from .images import MAX_DECODED_BYTES, PreparedImage, prepare
 from .kv_session import Cancelled, KVSession, KVSnapshot
 from .gguf_header import read_header
 from .model_files import ModelFiles, check_pair, fields_of, pixel_recipe, resolve
@@ -260,9 +260,7 @@ class VisionChat:
         """Decode and check an image now (ImageError if it is refused); the result can be passed to
         ask()/stream() later without decoding it again. ``max_decoded_bytes`` caps the picture's
         decoded pixels (checked from its header, before decoding)."""
-        if max_decoded_bytes is None:
-            return prepare(image, self._recipe)
-        return prepare(image, self._recipe, max_decoded_bytes)
+        return prepare(image, self._recipe, max_decoded_bytes or MAX_DECODED_BYTES)
 
     def next_token_logprobs(self, prompt: str, images: Sequence | None = ()) -> np.ndarray:
         """Log-probabilities of the first reply token (float64, one per vocabulary entry); the

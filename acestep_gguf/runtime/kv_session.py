@@ -8,6 +8,7 @@ worker can drive it directly. Not thread-safe: the owner serialises calls."""
 from __future__ import annotations
 
 import ctypes
+import re
 import threading
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ class KVSession:
         self.n_past = 0  # positions held by the KV cache: the sum of the cache's n_pos
         self._piece_buf = ctypes.create_string_buffer(256)
         self._controls = None
+        self._markup = None
 
     @property
     def n_ctx(self) -> int:
@@ -172,8 +174,11 @@ class KVSession:
         return self._controls
 
     def holds_markup(self, text: str) -> bool:
-        """Would this message text be read as markup: a control token's text or mtmd's marker."""
-        return MEDIA_MARKER in text or any(c in text for c, _ in self.controls)
+        """Would this message text be read as markup: a control token's text or mtmd's marker (one
+        regex pass, however many control tokens the vocabulary has)."""
+        if self._markup is None:
+            self._markup = re.compile("|".join(re.escape(t) for t in [MEDIA_MARKER] + [c for c, _ in self.controls]))
+        return self._markup.search(text) is not None
 
     @staticmethod
     def _spans(chunks, images, wanted: list, sources: list) -> None:

@@ -50,8 +50,9 @@ def serve(folder: Path | None, *, quant: str | None = None, host: str = "127.0.0
 
     from ..model_store import ModelStore
     from ..runtime.model_files import store_reference
-    from .app import Settings, create_app, is_loopback
+    from .app import Settings, create_app
     from .connections import GuardedH11, quiet_logs, raise_open_file_limit
+    from .guard import is_loopback
     from .pool import ModelPool, keep_alive_seconds
     from .limits import RequestError
 

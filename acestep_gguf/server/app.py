@@ -1,4 +1,5 @@
-"""The HTTP face: OpenAI and Ollama APIs and the chat page over one Engine, on Starlette.
+"""The HTTP face: OpenAI and Ollama APIs and the chat page over a ModelPool (one model, or the whole
+store: pool.py), on Starlette.
 
 Every request passes guard.Guard first (Host, Origin, content type, API key, declared size); then its
 cost is bounded before any work (limits.py: text, messages, stops, schemas; body bytes per request
@@ -26,7 +27,7 @@ from .. import __version__
 from ..errors import AcestepGGUFError, ContextFullError
 from . import limits, ollama_api, openai_api
 from .engine import Engine, Result
-from .guard import Guard, error_for, is_loopback  # noqa: F401 (is_loopback: serve's bind check)
+from .guard import Guard, error_for
 from .limits import RequestError
 from .pool import FOREVER, ModelPool
 
