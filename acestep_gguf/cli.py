@@ -91,6 +91,9 @@ THREADS_OPTION = typer.Option(None, "--threads", min=1, help="CPU threads (defau
 GPU_LAYERS_OPTION = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers.")
 VRAM_OPTION = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB (default: free VRAM).")
 VERBOSE_OPTION = typer.Option(False, "--verbose", help="Show llama.cpp's own log.")
+CACHE_K_OPTION = typer.Option("f16", "--cache-type-k", help="KV cache K type: f16, q8_0 or q4_0 (less memory).")
+CACHE_V_OPTION = typer.Option("f16", "--cache-type-v", help="KV cache V type: f16, q8_0 or q4_0 (quantized V "
+                              "switches flash attention on).")
 
 
 # -- convert ---------------------------------------------------------------------------------------
@@ -240,13 +243,15 @@ def rm(names: List[str] = typer.Argument(..., help="Model names.")):
 
 
 # -- chat ------------------------------------------------------------------------------------------
-def _load_chat(model: Optional[Path], quant, ctx, threads, gpu_layers, vram, system, seed, verbose):
+def _load_chat(model: Optional[Path], quant, ctx, threads, gpu_layers, vram, system, seed, verbose,
+               cache_type_k: str = "f16", cache_type_v: str = "f16"):
     from .runtime import VisionChat
     if model is not None and model.is_file():
         raise OptionError(f"{model}: pass the converted folder (with manifest.json), not a single .gguf file")
     folder = model or default_model_folder(quant)
     session = VisionChat.load(folder, quant=quant, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers_option(gpu_layers),
-                              vram=vram, system=system, seed=seed, verbose=verbose)
+                              vram=vram, system=system, seed=seed, cache_type_k=cache_type_k,
+                              cache_type_v=cache_type_v, verbose=verbose)
     if not session.exact_vision:
         note("warning: this llama-cpp-python build mis-orders llava image tokens (llama.cpp#25814); answers about "
              "images are degraded. Install with tools/build_llama_cpp.sh.", style="yellow")
@@ -276,12 +281,15 @@ def chat(
     gpu_layers: str = GPU_LAYERS_OPTION,
     vram: Optional[str] = VRAM_OPTION,
     as_json: bool = typer.Option(False, "--json", help="With -p: print one JSON object instead of streaming."),
+    cache_type_k: str = CACHE_K_OPTION,
+    cache_type_v: str = CACHE_V_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
     """Ask about images: once with -p, or interactively (/help lists the commands; Ctrl-D ends)."""
     sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     with _errors():
-        session = _load_chat(model, quant, ctx, threads, gpu_layers, vram, system, seed, verbose)
+        session = _load_chat(model, quant, ctx, threads, gpu_layers, vram, system, seed, verbose, cache_type_k,
+                             cache_type_v)
         with session:
             if prompt is not None:
                 _one_shot(session, prompt, images or [], sampling, as_json)
@@ -400,6 +408,8 @@ def serve(
                                    "(30s, 5m, 1h; 0 = unload at once; -1 = forever). Requests may say otherwise."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With a store: memory for loaded models, "
                                              "with a unit (default: 3/4 of RAM)."),
+    cache_type_k: str = CACHE_K_OPTION,
+    cache_type_v: str = CACHE_V_OPTION,
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log and every request."),
 ):
     """Serve the model over HTTP: OpenAI and Ollama APIs and a chat page at http://HOST:PORT/."""
@@ -421,7 +431,7 @@ def serve(
                    max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"), cors_origins=cors_origin,
                    allowed_hosts=allowed_host, body_timeout_s=body_timeout, models=models, max_loaded=max_loaded,
                    keep_alive=keep_alive, max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
-                   verbose=verbose)
+                   cache_type_k=cache_type_k, cache_type_v=cache_type_v, verbose=verbose)
 
 
 # -- caption ---------------------------------------------------------------------------------------
@@ -449,6 +459,8 @@ def caption(
     model_sha256: Optional[str] = typer.Option(None, "--model-sha256", help="With --ray: the manifest.json sha256 every "
                                                "worker must have (default: the driver's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    cache_type_k: str = CACHE_K_OPTION,
+    cache_type_v: str = CACHE_V_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
     """Caption many images with one loaded model (or a Ray cluster of them); resumable, exactly one
@@ -471,9 +483,11 @@ def caption(
                                            address=None if ray_address == "local" else ray_address, workers=workers,
                                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, quant=quant,
                                            n_ctx=ctx, max_tokens=max_tokens, retry_failed=retry_failed,
-                                           expected_sha256=model_sha256, on_progress=progress)
+                                           expected_sha256=model_sha256, on_progress=progress,
+                                           cache_type_k=cache_type_k, cache_type_v=cache_type_v)
             else:
-                session = _load_chat(model, quant, ctx, threads, gpu_layers, vram, None, None, verbose)
+                session = _load_chat(model, quant, ctx, threads, gpu_layers, vram, None, None, verbose, cache_type_k,
+                                     cache_type_v)
                 with session:
                     summary = caption_images(session, files, prompt, out_file, max_tokens=max_tokens,
                                              retry_failed=retry_failed, on_image=lambda record: bar.advance(task))
@@ -493,6 +507,8 @@ def plan(
     mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type for --preset: F16 or Q8_0."),
     vram: str = typer.Option("12GiB", "--vram", help="GPU memory budget with a unit: 12GiB, 11.5GB, 800MiB."),
     ctx: int = typer.Option(8192, "--ctx", min=1, help="Context length in tokens."),
+    cache_type_k: str = CACHE_K_OPTION,
+    cache_type_v: str = CACHE_V_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (sizes in bytes)."),
 ):
     """How many layers fit on the GPU: weights, KV cache, compute buffers, mmproj, margin."""
@@ -513,7 +529,8 @@ def plan(
                 shape, what = offload.shape_from_gguf(files.model, files.mmproj), files.model.name
         else:
             raise OptionError("give a model folder / .gguf file, or --preset ace-step-1.5")
-        result = offload.plan(shape, budget, ctx, gpu_available=True)
+        from .runtime.kv_cache_types import CacheTypes
+        result = offload.plan(shape, budget, ctx, gpu_available=True, cache=CacheTypes.parse(cache_type_k, cache_type_v))
     if as_json:
         say(json.dumps(result.to_dict()))
         return

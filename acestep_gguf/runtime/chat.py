@@ -39,6 +39,7 @@ from ..templates import (KNOWN_PLACEHOLDERS, MEDIA_MARKER, PLACEHOLDER_KEY, Imag
                          image_style)
 from .generation import SamplingOptions, TurnStats, generate
 from .images import MAX_DECODED_BYTES, PreparedImage, prepare
+from .kv_cache_types import CacheTypes
 from .kv_session import Cancelled, KVSession, KVSnapshot
 from .gguf_header import read_header
 from .model_files import ModelFiles, check_pair, fields_of, pixel_recipe, resolve
@@ -73,6 +74,7 @@ class VisionChat:
         self.files, self.model_path, self.quant = files, files.model, files.quant
         self.n_gpu_layers = n_gpu_layers
         self.offload_plan = None
+        self.cache_types = CacheTypes()
         # Stock llama.cpp mis-orders llava's [CLS] token (ggml-org/llama.cpp#25814); tools/build_llama_cpp.sh fixes it.
         self.exact_vision = PATCHED_BUILD in llama_cpp.__version__
         self._contexts = contexts
@@ -99,9 +101,13 @@ class VisionChat:
     def load(cls, folder: str | Path | None = None, *, model: str | Path | None = None, mmproj: str | Path | None = None,
              quant: str | None = None, mmproj_quant: str | None = None, n_ctx: int = 8192, n_threads: int | None = None,
              n_gpu_layers: int | str = "auto", vram: str | int | None = None, system: str | None = None,
-             seed: int | None = None, verbose: bool = False) -> "VisionChat":
-        """Open a converted folder (or explicit model/mmproj paths) ready to chat. Both files are
-        checked against what llama.cpp will read before llama.cpp sees them."""
+             seed: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+             verbose: bool = False) -> "VisionChat":
+        """Open a converted folder, a model of the store ("name" or "name:TYPE"), or explicit
+        model/mmproj paths, ready to chat. Both files are checked against what llama.cpp will read
+        before llama.cpp sees them. ``cache_type_k`` / ``cache_type_v``: f16, q8_0 or q4_0 (a quantized
+        V switches flash attention on, as llama.cpp requires)."""
+        cache = CacheTypes.parse(cache_type_k, cache_type_v)
         files = resolve(folder, model=model, mmproj=mmproj, quant=quant, mmproj_quant=mmproj_quant)
         headers = read_header(files.model, "language model"), read_header(files.mmproj, "mmproj")  # once per load
         model_fields, mmproj_fields = fields_of(headers[0]), fields_of(headers[1])
@@ -109,23 +115,27 @@ class VisionChat:
         recipe = pixel_recipe(mmproj_fields, files.mmproj)
         style = _image_style(model_fields, files.model, system)
         n_ctx = _checked_ctx(n_ctx, recipe)
+        arch = model_fields["general.architecture"]
+        cache.check_head_dim(model_fields.get(f"{arch}.attention.key_length", model_fields[f"{arch}.embedding_length"]
+                                              // model_fields[f"{arch}.attention.head_count"]))
         if n_threads is not None and (type(n_threads) is not int or not 1 <= n_threads <= 1024):
             raise OptionError(f"n_threads {n_threads!r}: a whole number from 1 to 1024")
         offload = None
         if n_gpu_layers == "auto":
-            offload = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx, headers=headers)
+            offload = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx, headers=headers, cache=cache)
             n_gpu_layers = offload.n_gpu_layers
         elif type(n_gpu_layers) is not int or n_gpu_layers < 0:
             raise OptionError(f"n_gpu_layers {n_gpu_layers!r}: 'auto' or a whole number of at least 0")
         contexts = _Contexts()
         try:
             with interrupts.deferred():  # a Ctrl-C while loading is raised once loading has returned
-                contexts.llm, contexts.mctx = _open_contexts(files, n_ctx, n_threads, n_gpu_layers, verbose)
+                contexts.llm, contexts.mctx = _open_contexts(files, n_ctx, n_threads, n_gpu_layers, cache, verbose)
                 chat = cls(files, contexts, recipe, style, system, seed, n_gpu_layers)
         except BaseException:
             contexts.free()
             raise
         chat.offload_plan = offload  # why n_gpu_layers is what it is, when it was planned
+        chat.cache_types = cache
         return chat
 
     def close(self) -> None:
@@ -431,12 +441,14 @@ def _image_style(fields: dict, path: Path, system: str | None) -> ImageStyle:
         raise ModelFilesError(f"{path}: the chat template cannot render a conversation ({e}){hint}") from None
 
 
-def _open_contexts(files: ModelFiles, n_ctx: int, n_threads: int | None, n_gpu_layers: int, verbose: bool):
+def _open_contexts(files: ModelFiles, n_ctx: int, n_threads: int | None, n_gpu_layers: int, cache: CacheTypes,
+                   verbose: bool):
     llama_log.install(verbose)
     try:
         llm = llama_cpp.Llama(str(files.model), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
                               n_gpu_layers=n_gpu_layers, n_batch=min(n_ctx, 2048),
-                              n_ubatch=min(n_ctx, N_UBATCH), verbose=verbose)
+                              n_ubatch=min(n_ctx, N_UBATCH), type_k=cache.ggml_k, type_v=cache.ggml_v,
+                              flash_attn=cache.flash_attn, verbose=verbose)
     except ValueError as e:
         raise ModelFilesError(f"{files.model}: llama.cpp could not load it ({llama_log.recent() or e})") from None
     llama_log.install(verbose)  # Llama() installs its own logger; take it back

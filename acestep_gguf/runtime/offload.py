@@ -14,6 +14,7 @@ import llama_cpp
 from ..errors import OptionError
 from ..models.presets import PRESETS, language_tensor_bytes, mmproj_bytes
 from ..quant_types import TYPES, VISION_TYPES
+from .kv_cache_types import CacheTypes
 from .gguf_header import read_header
 from ..models.registry import by_name, for_gguf
 from .model_files import check_file, fields_of
@@ -22,7 +23,6 @@ MIB = 1 << 20
 MARGIN_FIXED = 512 * MIB  # CUDA context, cuBLAS workspace, fragmentation
 MARGIN_FRACTION = 0.05
 N_UBATCH = 512  # llama.cpp's default micro-batch, which sizes the compute buffer
-KV_BYTES = 2  # F16 K and V cache elements
 
 
 @dataclass
@@ -160,15 +160,17 @@ def mmproj_compute_bytes(s: ModelShape) -> int:
     return 4 * (2 * s.v_n_pos * (s.v_ff + 4 * s.v_embd) + s.v_head * s.v_n_pos ** 2)
 
 
-def kv_bytes_per_layer(s: ModelShape, n_ctx: int) -> int:
-    return 2 * s.n_head_kv * s.head_dim * KV_BYTES * n_ctx
+def kv_bytes_per_layer(s: ModelShape, n_ctx: int, cache: CacheTypes = CacheTypes()) -> int:
+    """K and V of one layer for n_ctx positions, in the cache's element types."""
+    return int(cache.bytes_per_token_layer(s.n_head_kv, s.head_dim) * n_ctx)
 
 
-def plan(s: ModelShape, vram: int, n_ctx: int, gpu_available: bool = True) -> OffloadPlan:
+def plan(s: ModelShape, vram: int, n_ctx: int, gpu_available: bool = True,
+         cache: CacheTypes = CacheTypes()) -> OffloadPlan:
     """Place as many whole layers as fit after the fixed costs; the output layer goes last."""
     n_layer = len(s.layer_bytes)
     total = sum(s.layer_bytes) + sum(s.other_bytes.values())
-    kv_layer = kv_bytes_per_layer(s, n_ctx)
+    kv_layer = kv_bytes_per_layer(s, n_ctx, cache)
     margin = MARGIN_FIXED + int(MARGIN_FRACTION * vram)
     fixed = compute_bytes(s, n_ctx) + s.mmproj_bytes + mmproj_compute_bytes(s) + margin
     n_gpu, used = 0, fixed
@@ -212,10 +214,11 @@ def detect_vram() -> int | None:
         return None
 
 
-def plan_offload(model: Path, mmproj: Path | None, vram=None, n_ctx: int = 8192, *, headers=None) -> OffloadPlan:
+def plan_offload(model: Path, mmproj: Path | None, vram=None, n_ctx: int = 8192, *, headers=None,
+                 cache: CacheTypes = CacheTypes()) -> OffloadPlan:
     """What n_gpu_layers='auto' uses: the real files (or their already checked ``headers``, a
     (language model, mmproj) pair), this build's GPU support, the given or free VRAM."""
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
     budget = parse_size(vram) if vram is not None else (detect_vram() or 0) if gpu else 0
     shape = shape_from_headers(*headers) if headers else shape_from_gguf(Path(model), Path(mmproj) if mmproj else None)
-    return plan(shape, budget, n_ctx, gpu)
+    return plan(shape, budget, n_ctx, gpu, cache)

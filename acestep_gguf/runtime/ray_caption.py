@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import AcestepGGUFError, ModelFilesError, OptionError
+from .kv_cache_types import CacheTypes
 from ..files import read_bytes
 from .caption import Appender, caption_one, pending
 
@@ -31,13 +32,15 @@ def manifest_sha256(folder: Path) -> str:
 class Captioner:
     """A Ray actor: one model, loaded once, checked against the driver's manifest first."""
 
-    def __init__(self, folder: str, expected_sha256: str, quant: str | None, n_ctx: int, threads: int, gpu_layers):
+    def __init__(self, folder: str, expected_sha256: str, quant: str | None, n_ctx: int, threads: int, gpu_layers,
+                 cache_types: tuple[str, str] = ("f16", "f16")):
         from .chat import VisionChat
         found = manifest_sha256(Path(folder))
         if found != expected_sha256:
             raise ModelFilesError(f"{folder} on worker {os.uname().nodename} (pid {os.getpid()}) holds another model: "
                                   f"manifest.json sha256 {found[:12]}… but the driver expects {expected_sha256[:12]}…")
-        self.chat = VisionChat.load(folder, quant=quant, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers)
+        self.chat = VisionChat.load(folder, quant=quant, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers,
+                                    cache_type_k=cache_types[0], cache_type_v=cache_types[1])
 
     def pid(self) -> int:
         return os.getpid()
@@ -50,7 +53,8 @@ def caption_with_ray(folder: Path, files: list[Path], prompt: str, out_file: Pat
                      workers: int = 2, cpus_per_worker: int = 1, gpus_per_worker: float = 0, quant: str | None = None,
                      n_ctx: int = 4096, max_tokens: int = 256, retry_failed: bool = False,
                      expected_sha256: str | None = None,
-                     on_progress: Callable[[dict], None] = lambda progress: None) -> dict:
+                     on_progress: Callable[[dict], None] = lambda progress: None, cache_type_k: str = "f16",
+                     cache_type_v: str = "f16") -> dict:
     """Caption ``files`` on a Ray cluster (``address``: None for a local one started for the run, or
     what ray.init takes: "auto", "ray://host:10001", ...). Returns the summary."""
     try:
@@ -60,6 +64,7 @@ def caption_with_ray(folder: Path, files: list[Path], prompt: str, out_file: Pat
         raise OptionError("caption --ray needs Ray: pip install 'acestep-gguf[ray]'") from None
     if workers < 1 or cpus_per_worker < 1 or gpus_per_worker < 0:
         raise OptionError("--workers and --cpus-per-worker must be at least 1, --gpus-per-worker at least 0")
+    CacheTypes.parse(cache_type_k, cache_type_v)  # a bad type is one line here, not on every worker
     expected = expected_sha256 or manifest_sha256(folder)
     todo, skipped = pending(files, out_file, retry_failed)
     summary = {"captioned": 0, "skipped": skipped, "failed": 0, "total": len(files), "workers": workers,
@@ -81,7 +86,8 @@ def caption_with_ray(folder: Path, files: list[Path], prompt: str, out_file: Pat
         actor = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=3,
                            max_task_retries=3)(Captioner)
         gpu_layers = "auto" if gpus_per_worker else 0
-        pool = [actor.remote(str(Path(folder).resolve()), expected, quant, n_ctx, cpus_per_worker, gpu_layers)
+        pool = [actor.remote(str(Path(folder).resolve()), expected, quant, n_ctx, cpus_per_worker, gpu_layers,
+                             (cache_type_k, cache_type_v))
                 for _ in range(workers)]
         try:  # every worker has the right model before a single image is captioned
             ray.get([a.pid.remote() for a in pool])

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from ..errors import OptionError
+from ..runtime.kv_cache_types import CacheTypes
 
 DEFAULT_PORT = 8080
 
@@ -42,7 +43,7 @@ def serve(folder: Path | None, *, quant: str | None = None, host: str = "127.0.0
           vram=None, cache_dir: Path | None = None, cache_size: int = 4 << 30, max_image_bytes: int = 16 << 20,
           cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None, body_timeout_s: float = 30.0,
           models: Path | None = None, max_loaded: int = 1, keep_alive: str = "5m", max_memory: int | None = None,
-          verbose: bool = False) -> None:
+          cache_type_k: str = "f16", cache_type_v: str = "f16", verbose: bool = False) -> None:
     """Serve one model (``folder``: a converted folder or a store name) or, with ``folder`` None, every
     model of the store (``models``, default the user's) until SIGINT / SIGTERM: then running streams
     end with their final chunk, the conversation states are saved, and it returns (exit code 0)."""
@@ -76,21 +77,22 @@ def serve(folder: Path | None, *, quant: str | None = None, host: str = "127.0.0
     quiet_logs()
     raise_open_file_limit()
     threads = n_threads or server_threads()
+    cache = CacheTypes.parse(cache_type_k, cache_type_v)
 
     def load(model_folder: Path, model_quant: str | None):
         return load_engine(model_folder, model_quant, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
-                           vram=vram, cache_dir=cache_dir, cache_size=cache_size, verbose=verbose)
+                           vram=vram, cache_dir=cache_dir, cache_size=cache_size, cache=cache, verbose=verbose)
 
     if folder is not None:
         folder, quant = store_reference(folder, quant)
         engine = load(folder, quant)  # at start: a broken model is one line now, not on the first request
         pool = ModelPool(load, fixed=(engine.name, folder, engine.chat.quant))
-        pool.pin(engine, model_memory(folder, engine.chat.quant, n_ctx))
+        pool.pin(engine, model_memory(folder, engine.chat.quant, n_ctx, cache))
     else:
         store = ModelStore(models)
         pool = ModelPool(load, store=store, max_loaded=max_loaded, keep_alive=default_keep,
                          max_bytes=max_memory or memory_budget(),
-                         memory_of=lambda f, q: model_memory(f, q, n_ctx))
+                         memory_of=lambda f, q: model_memory(f, q, n_ctx, cache))
     settings = Settings(host=host, api_key=api_key, cors_origins=cors_origins or [], allowed_hosts=allowed_hosts or [],
                         max_image_bytes=max_image_bytes, body_timeout_s=body_timeout_s)
     config = uvicorn.Config(create_app(pool, settings), host=host, port=port, http=GuardedH11,
@@ -100,18 +102,21 @@ def serve(folder: Path | None, *, quant: str | None = None, host: str = "127.0.0
 
 
 def load_engine(folder: Path, quant: str | None, *, n_ctx: int, n_threads: int, n_gpu_layers, vram,
-                cache_dir: Path | None, cache_size: int, verbose: bool):
+                cache_dir: Path | None, cache_size: int, cache: CacheTypes, verbose: bool):
     """One model ready to serve: the loaded VisionChat, its saved-state store (a subfolder per model
-    identity under ``cache_dir``) and the facts the APIs report about it."""
+    identity — its files, the context and the KV cache types — under ``cache_dir``) and the facts the
+    APIs report about it."""
     from ..manifest import Manifest
     from ..runtime.chat import VisionChat
     from .engine import Engine
     from .store import StateLimits, StateStore
     chat = VisionChat.load(folder, quant=quant, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                           vram=vram, verbose=verbose)
+                           vram=vram, cache_type_k=cache.k, cache_type_v=cache.v, verbose=verbose)
     manifest = Manifest.read(folder)
     used = [f for f in manifest.files if f.file in (chat.files.model.name, chat.files.mmproj.name)]
-    model_id = hashlib.sha256(f"{[(f.file, f.sha256) for f in used]}:{n_ctx}".encode()).hexdigest()[:16]
+    # another cache type is another state format: a state of one is a cache miss for the other, never loaded
+    identity = f"{[(f.file, f.sha256) for f in used]}:{n_ctx}" + (f":{cache.k}:{cache.v}" if cache.quantized else "")
+    model_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
     store = StateStore(cache_size, Path(cache_dir) if cache_dir is not None else None, model_id,
                        StateLimits(chat.n_ctx, chat.n_vocab, chat.image_size))
     engine = Engine(chat, store, manifest.name)
@@ -121,14 +126,14 @@ def load_engine(folder: Path, quant: str | None, *, n_ctx: int, n_threads: int, 
     return engine
 
 
-def model_memory(folder: Path, quant: str | None, n_ctx: int) -> int:
+def model_memory(folder: Path, quant: str | None, n_ctx: int, cache: CacheTypes) -> int:
     """What a model takes in memory once loaded: its files and its KV cache (the planner's figures)."""
     from ..runtime.model_files import resolve
     from ..runtime.offload import kv_bytes_per_layer, shape_from_gguf
     files = resolve(folder, quant=quant)
     shape = shape_from_gguf(files.model, files.mmproj)
     return files.model.stat().st_size + files.mmproj.stat().st_size + \
-        kv_bytes_per_layer(shape, n_ctx) * len(shape.layer_bytes)
+        kv_bytes_per_layer(shape, n_ctx, cache) * len(shape.layer_bytes)
 
 
 def memory_budget() -> int:
