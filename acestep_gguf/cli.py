@@ -509,6 +509,8 @@ def plan(
     ctx: int = typer.Option(8192, "--ctx", min=1, help="Context length in tokens."),
     cache_type_k: str = CACHE_K_OPTION,
     cache_type_v: str = CACHE_V_OPTION,
+    best: bool = typer.Option(False, "--best", help="Find the largest type that puts every layer on the GPU (with "
+                              "--preset: every type; with a folder: the types it holds)."),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON (sizes in bytes)."),
 ):
     """How many layers fit on the GPU: weights, KV cache, compute buffers, mmproj, margin."""
@@ -517,8 +519,34 @@ def plan(
     from .runtime import offload
     from .runtime.model_files import resolve
     with _errors():
+        from .quant_types import BY_QUALITY
+        from .runtime.kv_cache_types import CacheTypes
         budget = offload.parse_size(vram)
-        if preset:
+        cache = CacheTypes.parse(cache_type_k, cache_type_v)
+        chosen = None
+        if best:
+            if preset:
+                def shape_of(t):
+                    return offload.shape_from_preset(preset, t, mmproj_quant.upper())
+                candidates = BY_QUALITY
+            elif model is not None and not model.is_file():
+                from .manifest import Manifest
+                from .runtime.model_files import store_reference
+                folder = store_reference(model)[0]
+                present = {f.type for f in Manifest.read(folder).files if f.role == "language"}
+                candidates = [t for t in BY_QUALITY if t in present]
+
+                def shape_of(t):
+                    files = resolve(folder, quant=t)
+                    return offload.shape_from_gguf(files.model, files.mmproj)
+            else:
+                raise OptionError("--best needs --preset NAME or a converted folder / model name")
+            if not candidates:
+                raise OptionError(f"{model}: holds no quantized type to choose from")
+            chosen, result = offload.best_fit(shape_of, candidates, budget, ctx, cache)
+            quant = chosen or candidates[-1]
+            what = f"{preset or model} {quant}"
+        elif preset:
             shape = offload.shape_from_preset(preset, (quant or "Q4_K_M").upper(), mmproj_quant.upper())
             what = f"{preset} {(quant or 'Q4_K_M').upper()} (model card)"
         elif model is not None:
@@ -529,10 +557,10 @@ def plan(
                 shape, what = offload.shape_from_gguf(files.model, files.mmproj), files.model.name
         else:
             raise OptionError("give a model folder / .gguf file, or --preset ace-step-1.5")
-        from .runtime.kv_cache_types import CacheTypes
-        result = offload.plan(shape, budget, ctx, gpu_available=True, cache=CacheTypes.parse(cache_type_k, cache_type_v))
+        if not best:
+            result = offload.plan(shape, budget, ctx, gpu_available=True, cache=cache)
     if as_json:
-        say(json.dumps(result.to_dict()))
+        say(json.dumps({**result.to_dict(), **({"best": chosen, "type": quant} if best else {})}))
         return
     size = offload.size_formatter(vram)
     table = Table(title=f"{what}: {result.n_gpu_layers} GPU layers for {vram} at {ctx} context", title_justify="left")
@@ -541,7 +569,7 @@ def plan(
     table.add_column("CPU", justify="right")
     cpu_weights = result.language_weights_bytes - result.gpu_weights_bytes
     for label, gpu, cpu in (("language weights", result.gpu_weights_bytes, cpu_weights),
-                            ("KV cache (F16)", result.kv_cache_bytes, result.kv_cache_total_bytes - result.kv_cache_bytes),
+                            (f"KV cache ({cache})", result.kv_cache_bytes, result.kv_cache_total_bytes - result.kv_cache_bytes),
                             ("compute buffer", result.compute_bytes, 0), ("mmproj weights", result.mmproj_bytes, 0),
                             ("mmproj activations (1 image)", result.mmproj_compute_bytes, 0),
                             ("safety margin", result.margin_bytes, 0)):
@@ -550,6 +578,10 @@ def plan(
     out.print(table)
     where = "GPU" if result.output_on_gpu else "CPU"
     say(f"--gpu-layers {result.n_gpu_layers}: {result.reason}; output layer on the {where}")
+    if best:
+        say(f"best: {chosen} puts every layer on the GPU" if chosen else
+            f"best: no type puts every layer on the GPU at --ctx {ctx}; the smallest, {quant}, puts "
+            f"{result.n_gpu_layers} of {result.n_layers + 1} (try a quantized KV cache or a shorter --ctx)")
     if not llama_cpp.llama_supports_gpu_offload():
         say("note: this llama-cpp-python build is CPU-only; `chat --gpu-layers auto` will use 0 here "
             "(see README: building with CUDA)")

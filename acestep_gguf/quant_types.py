@@ -12,21 +12,41 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q, LlamaFileType as F
 class QuantType:
     name: str  # llama.cpp's name, as users type it
     file_type: F  # general.file_type / llama_ftype
-    base: Q  # most weight matrices
-    more_bits: Q  # attn_v and ffn_down in the layers llama.cpp's use_more_bits picks (the _M mixes)
-    output: Q  # output.weight
+    base: Q  # most weight matrices (llama_ftype_get_default_type); the exceptions: convert/tensor_types.py
     bits_per_weight: float  # for the free-space estimate only
 
 
+# `base` is llama_ftype_get_default_type; the per-tensor exceptions are convert/tensor_types.py's (a
+# mirror of llama.cpp's rules). Types llama.cpp makes only with an importance matrix (IQ1_*, IQ2_*,
+# Q2_K_S, and IQ3_XXS, whose attn_q/attn_k are IQ2_S) are not offered: we do not make importance
+# matrices yet.
 TYPES = {t.name: t for t in (
-    QuantType("Q4_K_M", F.MOSTLY_Q4_K_M, Q.Q4_K, Q.Q6_K, Q.Q6_K, 4.9),
-    QuantType("Q5_K_M", F.MOSTLY_Q5_K_M, Q.Q5_K, Q.Q6_K, Q.Q6_K, 5.7),
-    QuantType("Q8_0", F.MOSTLY_Q8_0, Q.Q8_0, Q.Q8_0, Q.Q8_0, 8.5),
-    QuantType("F16", F.MOSTLY_F16, Q.F16, Q.F16, Q.F16, 16.0),
-    QuantType("BF16", F.MOSTLY_BF16, Q.BF16, Q.BF16, Q.BF16, 16.0),
+    QuantType("Q2_K", F.MOSTLY_Q2_K, Q.Q2_K, 3.0),
+    QuantType("Q3_K_S", F.MOSTLY_Q3_K_S, Q.Q3_K, 3.5),
+    QuantType("Q3_K_M", F.MOSTLY_Q3_K_M, Q.Q3_K, 3.9),
+    QuantType("Q3_K_L", F.MOSTLY_Q3_K_L, Q.Q3_K, 4.3),
+    QuantType("IQ3_S", F.MOSTLY_IQ3_S, Q.IQ3_S, 3.6),
+    QuantType("IQ3_M", F.MOSTLY_IQ3_M, Q.IQ3_S, 3.8),
+    QuantType("IQ4_XS", F.MOSTLY_IQ4_XS, Q.IQ4_XS, 4.5),
+    QuantType("IQ4_NL", F.MOSTLY_IQ4_NL, Q.IQ4_NL, 4.7),
+    QuantType("Q4_0", F.MOSTLY_Q4_0, Q.Q4_0, 4.6),
+    QuantType("Q4_K_S", F.MOSTLY_Q4_K_S, Q.Q4_K, 4.7),
+    QuantType("Q4_K_M", F.MOSTLY_Q4_K_M, Q.Q4_K, 4.9),
+    QuantType("Q5_K_S", F.MOSTLY_Q5_K_S, Q.Q5_K, 5.6),
+    QuantType("Q5_K_M", F.MOSTLY_Q5_K_M, Q.Q5_K, 5.7),
+    QuantType("Q6_K", F.MOSTLY_Q6_K, Q.Q6_K, 6.6),
+    QuantType("Q8_0", F.MOSTLY_Q8_0, Q.Q8_0, 8.5),
+    QuantType("F16", F.MOSTLY_F16, Q.F16, 16.0),
+    QuantType("BF16", F.MOSTLY_BF16, Q.BF16, 16.0),
 )}
 ALL_QUANTIZED = ("Q4_K_M", "Q5_K_M", "Q8_0")  # what `--quant all` means
-LANGUAGE_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "F16", "BF16")  # best first, when none is asked for
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S")
+# largest (closest to the checkpoint) first: what `plan --best` tries in turn
+BY_QUALITY = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K_L", "Q3_K_M",
+              "IQ3_M", "IQ3_S", "Q3_K_S", "Q2_K")
+# best first, when none is asked for: the usual trade-off first, then up, then down the ladder
+LANGUAGE_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q5_K_S", "Q4_K_S", "IQ4_XS", "IQ4_NL", "Q4_0", "Q3_K_L",
+                       "Q3_K_M", "IQ3_M", "IQ3_S", "Q3_K_S", "Q2_K", "F16", "BF16")
 VISION_PREFERENCE = ("F16", "Q8_0")
 VISION_TYPES = ("F16", "Q8_0")  # offered for the vision projector
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 from gguf import GGUFReader
+from hostile import cli_process, one_error_line
 from typer.testing import CliRunner
 
 from acestep_gguf.cli import app
@@ -90,3 +91,34 @@ def test_llava_presets_match_published_llama_2_sizes(preset, published, mmproj):
     runner = CliRunner()
     result = runner.invoke(app, ["plan", "--preset", preset, "--vram", "24GiB", "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["output_on_gpu"] is True
+
+
+PUBLISHED_32B = {"Q2_K": 12.3, "IQ3_M": 14.8, "Q3_K_M": 16.0, "IQ4_XS": 17.7, "Q4_K_M": 19.9}  # GB, Qwen2.5-32B files
+
+
+def test_preset_sizes_follow_llama_cpps_type_rules_within_one_percent_of_published_files():
+    """The ace-step-1.5 card's language model, each tensor in the type llama.cpp's rules give it, against
+    the published Qwen2.5-32B-Instruct GGUF sizes (mradermacher; imatrix files, which for these types
+    change only IQ4_XS's first ffn_down layers)."""
+    from acestep_gguf.models.presets import PRESETS, language_tensor_bytes
+    for quant, published in PUBLISHED_32B.items():
+        layers, other = language_tensor_bytes(PRESETS["ace-step-1.5"], quant)
+        ours = (sum(layers) + sum(other.values())) / 1e9
+        assert abs(ours - published) / published < 0.01, (quant, ours, published)
+
+
+def test_plan_best_finds_the_largest_type_that_fits():
+    done = cli_process("plan", "--preset", "ace-step-1.5", "--vram", "24GiB", "--ctx", "8192", "--best", "--json")
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["best"] == "Q4_K_S" and found["n_gpu_layers"] == found["n_layers"] + 1
+    larger = cli_process("plan", "--preset", "ace-step-1.5", "--quant", "Q4_K_M", "--vram", "24GiB", "--ctx", "8192",
+                         "--json")
+    assert not json.loads(larger.stdout)["output_on_gpu"]  # the next type up does not fit
+    none = cli_process("plan", "--preset", "ace-step-1.5", "--vram", "12GiB", "--ctx", "8192", "--best")
+    assert none.returncode == 0 and "no type puts every layer on the GPU" in none.stdout and "Q2_K" in none.stdout
+
+
+def test_types_that_need_an_importance_matrix_are_refused_in_one_line(tmp_path, tiny_checkpoint):
+    one_error_line(cli_process("convert", tiny_checkpoint, "--out", tmp_path / "o", "--quant", "IQ2_XS"),
+                   "only with an importance matrix")

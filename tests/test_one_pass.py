@@ -145,3 +145,22 @@ def test_a_value_beyond_f16_is_refused_in_an_f16_output_as_llama_cpp_refuses_it(
     reference = cli("convert", ckpt, "--out", tmp_path / "ref", "--quant", "F16", "--via-llama-quantize")
     assert reference.exit_code == 1 and "quantizer failed for F16" in reference.stderr
     assert cli("convert", ckpt, "--out", tmp_path / "q8", "--quant", "Q8_0", "--quiet").exit_code == 0
+
+
+LADDER = "Q2_K,Q3_K_S,Q3_K_M,Q3_K_L,IQ3_S,IQ3_M,IQ4_XS,IQ4_NL,Q4_0,Q4_K_S,Q5_K_S,Q6_K"
+
+
+@pytest.mark.parametrize("shape", [
+    dict(hidden=256, ff=512, layers=17, heads=8, kv_heads=2),  # every matrix in 256-blocks, 4:1 GQA
+    dict(hidden=256, ff=320, layers=9, heads=8, kv_heads=8),  # ffn_down rows of 320: the block-32 fallbacks
+])
+def test_the_lower_types_equal_llama_quantize_output(tmp_path, tokenizer, shape):
+    """Q2_K to Q6_K and the IQ3/IQ4 types (those llama.cpp makes without an importance matrix), byte
+    for byte as llama_model_quantize writes them, over layer counts that reach the mixes' layer rules."""
+    model = qwen2(tokenizer, **shape)
+    ckpt = save_checkpoint(model, tokenizer, tmp_path / "ckpt", dtype=torch.bfloat16)
+    one = convert(ckpt, out=tmp_path / "one", quant=LADDER, name="m", threads=2)
+    ref = convert(ckpt, out=tmp_path / "ref", quant=LADDER, name="m", via_llama_quantize=True)
+    same_files(one, ref)
+    kinds = {t.type.name for f in LADDER.split(",") for t in read_header(tmp_path / "one" / f"m-{f}.gguf").tensors}
+    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ3_S", "IQ4_XS", "Q4_0"} <= kinds

@@ -110,7 +110,7 @@ def llama_cpp_choice():
 def test_the_mirror_chooses_what_llama_cpp_chooses(arch, llama_cpp_choice):
     language = {"qwen2": QWEN2, "llama": LLAMA}[arch]
     compared = 0
-    for (e, f, v), n_layer, (heads, kv_heads), tied in itertools.product(WIDTHS, LAYERS, [(8, 8), (8, 2)],
+    for (e, f, v), n_layer, (heads, kv_heads), tied in itertools.product(WIDTHS, LAYERS, [(8, 8), (8, 2), (8, 1)],
                                                                          [False, True]):
         if arch == "qwen2" and n_layer == 80:
             continue  # the metadata-built model marks only llama as 70B; the real loader also marks an
@@ -121,7 +121,7 @@ def test_the_mirror_chooses_what_llama_cpp_chooses(arch, llama_cpp_choice):
         ordered = [by_name[n] for n in quantizer_order(list(by_name))]
         infos = [(t.gguf_name, tuple(reversed(t.source.shape)), t.out_type) for t in ordered]
         for quant in TYPES.values():
-            ours = plan_types(ordered, quant, n_layer, language.is_70b(h))
+            ours = plan_types(ordered, quant, n_layer, language.is_70b(h), heads // kv_heads)
             theirs = llama_cpp_choice.types(arch, h, infos, int(quant.file_type))
             wrong = [(t.gguf_name, a.name, b.name) for t, a, b in zip(ordered, ours, theirs) if a != b]
             assert not wrong, (arch, h, tied, quant.name, wrong[:3])

@@ -152,15 +152,15 @@ class _Output:
                 raise
 
 
-def plan_types(tensors: Sequence[OutTensor], quant: QuantType, n_layer: int, is_70b: bool) -> list[Q]:
+def plan_types(tensors: Sequence[OutTensor], quant: QuantType, n_layer: int, is_70b: bool, n_gqa: int = 1) -> list[Q]:
     """Each tensor's type in a ``quant`` file, ``tensors`` in the quantizer's order."""
     infos = [TensorInfo(t.gguf_name, tuple(reversed(t.source.shape)), t.out_type) for t in tensors]
-    return choose_types(infos, quant, n_layer, is_70b)
+    return choose_types(infos, quant, n_layer, is_70b, n_gqa)
 
 
 def write_quantized(targets: Sequence[tuple[QuantType, Path]], arch: str, metadata: Sequence[MetadataEntry],
                     tensors: Sequence[OutTensor], reader: TensorReader, *, n_layer: int, is_70b: bool,
-                    threads: int, advance: Callable[[int], None] = lambda n: None) -> list[Written]:
+                    threads: int, advance: Callable[[int], None] = lambda n: None, n_gqa: int = 1) -> list[Written]:
     """Write every target from one read of the source. ``tensors`` carry their lossless types (what
     llama.cpp's quantizer would have read); the files are written in order and closed on any error
     (the caller owns and deletes the partial paths)."""
@@ -172,7 +172,7 @@ def write_quantized(targets: Sequence[tuple[QuantType, Path]], arch: str, metada
     try:
         for quant, path in targets:
             outputs.append(_Output(quant, path, arch, metadata, ordered,
-                                   plan_types(ordered, quant, n_layer, is_70b)))
+                                   plan_types(ordered, quant, n_layer, is_70b, n_gqa)))
         with Quantizer(threads) as quantizer:
             for t in ordered:
                 for out in outputs:

@@ -24,7 +24,7 @@ from .one_pass import write_quantized
 from .outputs import (PartialFiles, check_space, exclusive, publish, remove_stale_partials, still_valid, verify,
                       write_manifest)
 from .plan import make_plan
-from ..quant_types import ALL_QUANTIZED, TYPES, VISION_TYPES
+from ..quant_types import ALL_QUANTIZED, NEEDS_IMATRIX, TYPES, VISION_TYPES
 from ..system import default_threads
 from .quantize import quantize
 from .safetensors_file import TensorReader
@@ -46,6 +46,10 @@ def parse_quant(quant: str | Iterable[str]) -> list[str]:
     out: list[str] = []
     for q in names:
         for t in (ALL_QUANTIZED if q.lower() == "all" else [q.upper()]):
+            if t in NEEDS_IMATRIX:
+                raise OptionError(f"--quant {q}: llama.cpp makes {t} only with an importance matrix, which "
+                                  "acestep-gguf does not compute yet; the smallest types without one are Q2_K, "
+                                  "Q3_K_S and IQ3_S")
             if t not in TYPES:
                 raise OptionError(f"--quant {q}: unknown type; choose from {', '.join(TYPES)} or all")
             if t not in out:
@@ -212,7 +216,8 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, job: _Job) -> list:
         h = plan.hparams
         written = [(w.path, w.sha256) for w in write_quantized(
             targets, arch, metadata, tensors, files, n_layer=h["n_layer"],
-            is_70b=role == "language" and plan.family.language.is_70b(h), threads=job.threads, advance=advance)]
+            is_70b=role == "language" and plan.family.language.is_70b(h), threads=job.threads, advance=advance,
+            n_gqa=h["n_head"] // h["n_head_kv"] if role == "language" else 1)]
     ready = []
     for (type_name, file), (partial, digest) in zip(jobs, written):
         verify(partial, arch, expected)

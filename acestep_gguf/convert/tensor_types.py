@@ -2,12 +2,13 @@
 
 `llama_model_quantize` (vendor/llama.cpp/src/llama-quant.cpp) decides per tensor in
 `llama_model_quantize_impl`'s preliminary loop: `tensor_allows_quantization`, then
-`llama_tensor_get_type` → `llama_tensor_get_type_impl` (the _M mixes) → `tensor_type_fallback`
+`llama_tensor_get_type` → `llama_tensor_get_type_impl` (the mixes) → `tensor_type_fallback`
 (row lengths that do not divide the block size). This module follows those functions branch by
-branch for the file types we write (Q4_K_M, Q5_K_M, Q8_0, F16, BF16), with no overrides, no
-imatrix and no experts — the only inputs our architectures (qwen2, llama, clip) can reach. The
-tests compare it with llama.cpp on real files and, through llama.cpp's exported
-`llama_quant_compute_types`, on a sweep of shapes and layer counts."""
+branch for the file types we write (quant_types.TYPES: Q2_K .. Q8_0, IQ3_S/M, IQ4_XS/NL, F16, BF16),
+with no overrides, no imatrix, no experts and no fused QKV — the only inputs our architectures
+(qwen2, llama, clip) can reach; branches for other architectures (Falcon) and for the types that
+need an imatrix are left out. The tests compare it with llama.cpp on real files and, through
+llama.cpp's exported `llama_quant_compute_types`, on a sweep of shapes and layer counts."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", ".position_embd", ".pa
                    ".rel_pos", "attn_rel_b.weight")
 UNQUANTIZED_NAMES = ("position_embd.weight", "token_types.weight")  # LLM_TN(arch)(POS_EMBD / TOKEN_TYPES)
 # tensor_type_fallback: a block-256 type whose row length does not divide 256 → this block-32 type
-FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
-QUANTIZED_DEFAULTS = (Q.Q4_K, Q.Q5_K, Q.Q8_0)  # ggml_is_quantized() among our defaults
+FALLBACK = {Q.IQ3_S: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
+            Q.Q6_K: Q.Q8_0}
+UNQUANTIZED = (Q.F32, Q.F16, Q.BF16)  # the defaults for which ggml_is_quantized() is false
 
 
 @dataclass(frozen=True)
@@ -84,43 +86,89 @@ def _ggml_n_dims(ne: Sequence[int]) -> int:
     return 1
 
 
-def choose_types(tensors: Sequence[TensorInfo], file_type: QuantType, n_layer: int, is_70b: bool) -> list[Q]:
+def choose_types(tensors: Sequence[TensorInfo], file_type: QuantType, n_layer: int, is_70b: bool,
+                 n_gqa: int = 1) -> list[Q]:
     """The type of each tensor, ``tensors`` in the order llama.cpp's quantizer visits them
-    (see `quantizer_order`); counters advance in that order, as upstream."""
+    (see `quantizer_order`); counters advance in that order, as upstream. ``n_gqa`` is
+    n_head / n_head_kv (hparams.n_gqa())."""
     default = file_type.base  # llama_ftype_get_default_type
-    ftype = file_type.name
     n_attention_wv = sum(1 for t in tensors if category(t.name) == "attn_v")  # init_quantize_state_counters
-    tied = not any(category(t.name) == "output" for t in tensors)
-    n_ffn_down = n_layer
-    i_attention_wv = i_ffn_down = 0
+    state = {"tied": not any(category(t.name) == "output" for t in tensors), "wv": 0, "n_wv": n_attention_wv,
+             "down": 0, "n_down": n_layer, "70b": is_70b, "gqa": n_gqa}
     out = []
     for t in tensors:
         if not allows_quantization(t.name, t.ne):
             out.append(t.type)  # not allowed: stays as it is in the input
-            continue
-        new = default
-        if default in QUANTIZED_DEFAULTS:
-            cat = category(t.name)
-            if cat == "output" or (tied and cat == "token_embd"):
-                if t.ne[0] % block_size(new) != 0:
-                    new = Q.Q8_0
-                elif new != Q.Q8_0:
-                    new = Q.Q6_K
-            elif cat == "token_embd":
-                pass
-            elif cat == "attn_v":
-                if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i_attention_wv, n_attention_wv):
-                    new = Q.Q6_K
-                if is_70b and new in (Q.Q3_K, Q.Q4_K):
-                    new = Q.Q5_K
-                i_attention_wv += 1
-            elif cat == "ffn_down":
-                if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i_ffn_down, n_ffn_down):
-                    new = Q.Q6_K
-                i_ffn_down += 1
-            new = fallback(t.ne[0], new)
-        out.append(new)
+        elif default in UNQUANTIZED:
+            out.append(default)
+        else:
+            out.append(fallback(t.ne[0], _mix(file_type.name, default, t, state)))
     return out
+
+
+def _mix(ftype: str, new: Q, t: TensorInfo, st: dict) -> Q:
+    """llama_tensor_get_type_impl for one tensor (``st`` holds the counters it advances)."""
+    cat = category(t.name)
+    if cat == "output" or (st["tied"] and cat == "token_embd"):
+        if t.ne[0] % block_size(new) != 0:
+            return Q.Q8_0
+        return Q.Q6_K if new != Q.Q8_0 else new
+    if cat == "token_embd":
+        return new
+    if cat == "attn_v":
+        new = _attn_v(ftype, new, st)
+        if st["70b"] and new in (Q.Q3_K, Q.Q4_K):
+            new = Q.Q5_K
+        st["wv"] += 1
+        return new
+    if cat == "ffn_down":
+        new = _ffn_down(ftype, new, st["down"], st["n_down"])
+        st["down"] += 1
+        return new
+    if cat == "attn_output":
+        return {"Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K, "IQ3_M": Q.Q4_K}.get(ftype, new)
+    return new
+
+
+def _attn_v(ftype: str, new: Q, st: dict) -> Q:
+    gqa4, i = st["gqa"] >= 4, st["wv"]
+    if ftype == "Q2_K":
+        return Q.Q4_K if gqa4 else Q.Q3_K
+    if ftype == "IQ3_S" and gqa4:
+        return Q.Q4_K
+    if ftype == "IQ3_M":
+        return Q.Q4_K
+    if ftype == "Q3_K_M":
+        return Q.Q5_K if i < 2 else Q.Q4_K
+    if ftype == "Q3_K_L":
+        return Q.Q5_K
+    if ftype in ("IQ4_NL", "IQ4_XS") and gqa4:
+        return Q.Q5_K
+    if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, st["n_wv"]):
+        return Q.Q6_K
+    if ftype == "Q4_K_S" and i < 4:
+        return Q.Q5_K
+    return new
+
+
+def _ffn_down(ftype: str, new: Q, i: int, n: int) -> Q:
+    if ftype == "Q2_K":
+        return Q.Q3_K
+    if ftype == "Q3_K_M":
+        return Q.Q5_K if i < n // 16 else Q.Q4_K
+    if ftype == "IQ3_M" and i < n // 8:
+        return Q.Q4_K
+    if ftype == "Q3_K_L":
+        return Q.Q5_K
+    if ftype == "Q4_K_M":
+        return Q.Q6_K if use_more_bits(i, n) else new
+    if i < n // 8 and ftype in ("IQ4_NL", "IQ4_XS"):  # without an imatrix
+        return Q.Q5_K
+    if ftype == "Q5_K_M" and use_more_bits(i, n):
+        return Q.Q6_K
+    if ftype == "Q4_K_S" and i < n // 8:
+        return Q.Q5_K
+    return new
 
 
 def quantizer_order(names: Sequence[str]) -> list[str]:

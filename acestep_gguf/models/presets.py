@@ -1,5 +1,5 @@
 """Model cards as numbers, so a user can plan memory before downloading tens of gigabytes. Byte
-counts follow llama.cpp's per-tensor type rules (quant_types.TYPES) for dense llava models."""
+counts follow llama.cpp's per-tensor type rules (convert/tensor_types.py) for dense llava models."""
 
 from __future__ import annotations
 
@@ -33,26 +33,39 @@ PRESETS = {
 }
 
 
-def use_more_bits(i: int, n: int) -> bool:
-    """llama.cpp's choice of layers that get more bits in *_K_M types."""
-    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
-
-
 def language_tensor_bytes(preset: dict, quant: str) -> tuple[list[int], dict[str, int]]:
-    """(bytes of each repeating layer, bytes of token_embd / output / output_norm) for a preset."""
-    p, t = preset, TYPES[quant]
-    e, f, q, kv = p["n_embd"], p["n_ff"], p["n_head"] * p["head_dim"], p["n_head_kv"] * p["head_dim"]
-    vectors = 2 * e + (q + 2 * kv if p["qkv_bias"] else 0)  # norms (and q/k/v biases) stay F32
-    layers = []
-    for i in range(p["n_layer"]):
-        special = t.more_bits if use_more_bits(i, p["n_layer"]) else t.base
-        b = tensor_bytes(t.base, e * q + e * kv + q * e + 2 * e * f)  # q, k, o, gate, up
-        b += tensor_bytes(special, e * kv) + tensor_bytes(special, f * e)  # v, down
-        layers.append(b + 4 * vectors)
-    other = {"token_embd.weight": tensor_bytes(t.base, p["n_vocab"] * e), "output_norm.weight": 4 * e}
+    """(bytes of each repeating layer, bytes of token_embd / output / output_norm) for a preset: its
+    tensors as the converter lists them, each in the type llama.cpp's rules give it (tensor_types.py)."""
+    from ..convert.tensor_types import TensorInfo, choose_types, quantizer_order
+    p = preset
+    e, f, q, kv, v = p["n_embd"], p["n_ff"], p["n_head"] * p["head_dim"], p["n_head_kv"] * p["head_dim"], p["n_vocab"]
+    ne = {"token_embd.weight": (e, v), "output_norm.weight": (e,)}  # ggml order: row length first
     if not p["tied"]:
-        other["output.weight"] = tensor_bytes(t.output, p["n_vocab"] * e)
+        ne["output.weight"] = (e, v)
+    for i in range(p["n_layer"]):
+        b = f"blk.{i}."
+        ne.update({b + "attn_norm.weight": (e,), b + "attn_q.weight": (e, q), b + "attn_k.weight": (e, kv),
+                   b + "attn_v.weight": (e, kv), b + "attn_output.weight": (q, e), b + "ffn_norm.weight": (e,),
+                   b + "ffn_gate.weight": (e, f), b + "ffn_up.weight": (e, f), b + "ffn_down.weight": (f, e)})
+        if p["qkv_bias"]:
+            ne.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
+    infos = [TensorInfo(n, ne[n], Q.BF16 if len(ne[n]) == 2 else Q.F32) for n in quantizer_order(list(ne))]
+    types = choose_types(infos, TYPES[quant], p["n_layer"], p.get("is_70b", False), p["n_head"] // p["n_head_kv"])
+    layers, other = [0] * p["n_layer"], {}
+    for t, qtype in zip(infos, types):
+        n_bytes = tensor_bytes(qtype, _elements(t.ne))
+        if t.name.startswith("blk."):
+            layers[int(t.name.split(".")[1])] += n_bytes
+        else:
+            other[t.name] = n_bytes
     return layers, other
+
+
+def _elements(ne) -> int:
+    n = 1
+    for d in ne:
+        n *= d
+    return n
 
 
 def mmproj_bytes(preset: dict, quant: str) -> int:

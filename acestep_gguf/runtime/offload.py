@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import llama_cpp
 
@@ -200,6 +201,18 @@ def plan(s: ModelShape, vram: int, n_ctx: int, gpu_available: bool = True,
         mmproj_bytes=s.mmproj_bytes, mmproj_compute_bytes=mmproj_compute_bytes(s),
         compute_bytes=compute_bytes(s, n_ctx), margin_bytes=margin, vram_budget_bytes=vram,
         headroom_bytes=vram - (used if on_gpu else 0), n_ctx=n_ctx, reason=reason)
+
+
+def best_fit(shape_of: Callable[[str], ModelShape], types: Sequence[str], vram: int, n_ctx: int,
+             cache: CacheTypes = CacheTypes()) -> tuple[str | None, OffloadPlan]:
+    """The first of ``types`` (largest first) that puts every layer and the output on the GPU, with
+    its plan; (None, the last type's plan) when none does."""
+    result = None
+    for type_name in types:
+        result = plan(shape_of(type_name), vram, n_ctx, True, cache)
+        if result.output_on_gpu:
+            return type_name, result
+    return None, result
 
 
 def detect_vram() -> int | None:
