@@ -18,23 +18,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "tests"), str(ROOT)]
 
-from quality import held_out, kl  # noqa: E402
+from quality import gguf_answers, held_out, kl  # noqa: E402
 
-from acestep_gguf import VisionChat, convert  # noqa: E402
+from acestep_gguf import convert  # noqa: E402
 from acestep_gguf.demo import DEMO_CHECKPOINT  # noqa: E402
 from acestep_gguf.quant_types import BY_QUALITY  # noqa: E402
 from acestep_gguf.runtime.gguf_header import read_header  # noqa: E402
-
-
-def run(folder: Path, quant: str, pictures) -> tuple[list[np.ndarray], list[str]]:
-    logprobs, answers = [], []
-    with VisionChat.load(folder, quant=quant, n_ctx=512) as chat:
-        for image, question, _, _ in pictures:
-            chat.reset()
-            logprobs.append(chat.next_token_logprobs(question, images=[image]))
-            chat.reset()
-            answers.append(chat.ask(question, images=[image], max_tokens=24).strip())
-    return logprobs, answers
 
 
 def main() -> None:
@@ -45,14 +34,14 @@ def main() -> None:
     types = ("F16",) + BY_QUALITY
     convert(DEMO_CHECKPOINT, out=folder, quant=",".join(types), name="demo")
     pictures = held_out(args.pictures)
-    reference, _ = run(folder, "F16", pictures)
+    _, reference = gguf_answers(folder, "F16", "F16", pictures)
     print("| type | bits/weight | language model | mean KL from F16 | 99th pct KL | top-1 = F16 | right |")
     print("|---|---|---|---|---|---|---|")
     for quant in types:
         header = read_header(folder / f"demo-{quant}.gguf", "language model")
         n_bytes = sum(t.n_bytes for t in header.tensors)
         n_weights = sum(int(np.prod(t.shape)) for t in header.tensors)
-        logprobs, answers = run(folder, quant, pictures)
+        answers, logprobs = gguf_answers(folder, quant, "F16", pictures)
         kls = np.array([kl(r, q) for r, q in zip(reference, logprobs)])
         top1 = np.mean([r.argmax() == q.argmax() for r, q in zip(reference, logprobs)])
         right = np.mean([a == p[2] for a, p in zip(answers, pictures)])

@@ -189,22 +189,29 @@ def create_app(pool: ModelPool, settings: Settings) -> Starlette:
         return JSONResponse({"object": "list", "data": [{"id": public_id(row), "object": "model", "created": 0,
                                                          "owned_by": "acestep-gguf"} for row in pool.catalog()]})
 
-    async def chat_completions(request: Request):
+    async def admit(request: Request, parse, schema_param: str, keep_alive_given: bool):
+        """A generation request parsed, its model held (loaded if need be) and its pictures and schema
+        prepared: (body, messages, sampling, stream, the parser's fourth value, engine, the stack that
+        releases the model). On any failure the model is released before the error goes up."""
         stack = contextlib.AsyncExitStack()
         try:
             body = await read_json(request, settings, bodies)
-            messages, sampling, stream, include_usage = openai_api.parse_request(body, settings.max_images)
-            engine = await stack.enter_async_context(pool.use(body.get("model")))
-            messages = await prepared(engine, messages, sampling, settings, decoding, "response_format")
-        except RequestError as e:
-            await stack.aclose()
-            return openai_error(e.status, e.message, e.param, e.code)
-        except Gone:
-            await stack.aclose()
-            return Response(status_code=400)
+            messages, sampling, stream, extra = parse(body, settings.max_images)
+            engine = await stack.enter_async_context(pool.use(body.get("model"), extra if keep_alive_given else None))
+            messages = await prepared(engine, messages, sampling, settings, decoding, schema_param)
+            return body, messages, sampling, stream, extra, engine, stack
         except BaseException:
             await stack.aclose()
             raise
+
+    async def chat_completions(request: Request):
+        try:
+            body, messages, sampling, stream, include_usage, engine, stack = await admit(
+                request, openai_api.parse_request, "response_format", False)
+        except RequestError as e:
+            return openai_error(e.status, e.message, e.param, e.code)
+        except Gone:
+            return Response(status_code=400)
         ids = openai_api.Ids(body["model"])
         if not stream:
             try:
@@ -240,21 +247,12 @@ def create_app(pool: ModelPool, settings: Settings) -> Starlette:
         return EventSourceResponse(events(), ping=15, shutdown_grace_period=4)
 
     async def ollama(request: Request, parse, shape):
-        stack = contextlib.AsyncExitStack()
         try:
-            body = await read_json(request, settings, bodies)
-            messages, sampling, stream, keep_alive = parse(body, settings.max_images)
-            engine = await stack.enter_async_context(pool.use(body.get("model"), keep_alive))
-            messages = await prepared(engine, messages, sampling, settings, decoding, "format")
+            body, messages, sampling, stream, _, engine, stack = await admit(request, parse, "format", True)
         except RequestError as e:
-            await stack.aclose()
             return JSONResponse({"error": e.message}, status_code=e.status)
         except Gone:
-            await stack.aclose()
             return Response(status_code=400)
-        except BaseException:
-            await stack.aclose()
-            raise
         started = time.perf_counter()
         model = body["model"]
         if not stream:
