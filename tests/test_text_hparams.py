@@ -52,13 +52,15 @@ def transformers_reads(tmp_path, config: dict) -> dict:
     return {"rope_theta": rope["rope_theta"], "rope_scaling": scaling, "tie_word_embeddings": c.tie_word_embeddings,
             "head_dim": getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads,
             "n_head_kv": t.num_key_value_heads, "n_embd": t.hidden_size, "max_pos": t.max_position_embeddings,
-            "sliding_window": window if t.model_type != "llama" else None}
+            "sliding_window": window if t.model_type != "llama" else None, "n_ff": t.intermediate_size,
+            "n_layer": t.num_hidden_layers, "n_head": t.num_attention_heads, "n_vocab": t.vocab_size,
+            "rms_eps": t.rms_norm_eps}
 
 
 def we_read(config: dict) -> dict:
     h = detect(config).hparams(config, {})
     return {k: h[k] for k in ("rope_theta", "rope_scaling", "tie_word_embeddings", "head_dim", "n_head_kv", "n_embd",
-                              "max_pos", "sliding_window")}
+                              "max_pos", "sliding_window", "n_ff", "n_layer", "n_head", "n_vocab", "rms_eps")}
 
 
 YARN = {"factor": 4.0, "original_max_position_embeddings": 32768}
@@ -77,6 +79,10 @@ CASES = {
     "t4 rope_type key": lambda: hub4("llama", rope_theta=1e6, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "t4 theta only": lambda: hub4("mistral", rope_theta=1e6),
     "t4 nothing": lambda: hub4("llama"),
+    "t4 sparse llama (llava-1.5-7b-hf)": lambda: {**hub4("llama"), "text_config": {
+        "model_type": "llama", "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "vocab_size": 32064}},
+    "t4 sparse mistral (bakLlava)": lambda: {**hub4("mistral"), "text_config": {"model_type": "mistral",
+                                                                                  "vocab_size": 32002}},
     "t4 null scaling": lambda: hub4("qwen2", rope_theta=1e6, rope_scaling=None),
     # rope_scaling replaces rope_parameters; the top-level theta fills a dict that has none
     "both, scaling wins": lambda: hub4("qwen2", rope_theta=2e6, rope_parameters={"rope_type": "default", "rope_theta": 3e6},
