@@ -149,8 +149,8 @@ class _RichConvertProgress:
 def convert(
     source: str = typer.Argument(..., help="Checkpoint folder or Hugging Face repo id (owner/name)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: ./<name>-gguf)."),
-    quant: str = typer.Option("Q4_K_M", "--quant", "-q", help="Language-model types, comma-separated: Q4_K_M, "
-                              "Q5_K_M, Q8_0, F16, BF16, or 'all' (the three quantized ones)."),
+    quant: str = typer.Option("Q4_K_M", "--quant", "-q", help="Language-model types, comma-separated: Q2_K .. Q8_0, "
+                              "IQ2_XXS .. IQ4_NL, F16, BF16 (README lists them), or 'all' (Q4_K_M, Q5_K_M, Q8_0)."),
     mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type: F16 or Q8_0."),
     name: Optional[str] = typer.Option(None, "--name", help="Base name of the output files (default: source name)."),
     force: bool = typer.Option(False, "--force", help="Redo outputs even when the manifest says they match."),
@@ -158,6 +158,9 @@ def convert(
     via_llama_quantize: bool = typer.Option(False, "--via-llama-quantize", help="Write a lossless GGUF first and run "
                                             "llama.cpp's quantizer on it (the same files; slower, and needs "
                                             "temporary disk the size of the model)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix's GGUF, or a "
+                                           "publisher's .imatrix / .dat) for the language model: needed by IQ2_*, "
+                                           "IQ3_XXS, Q2_K_S; improves the other low-bit types."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="Print errors only."),
     verbose: bool = VERBOSE_OPTION,
@@ -166,7 +169,8 @@ def convert(
     from .convert import convert as run_convert
     with _errors(), _RichConvertProgress(err.is_terminal and not quiet and not as_json, not quiet and not as_json) as p:
         manifest = run_convert(source, out=out_dir, quant=quant, mmproj_quant=mmproj_quant, name=name, force=force,
-                               threads=threads, verbose=verbose, progress=p, via_llama_quantize=via_llama_quantize)
+                               threads=threads, verbose=verbose, progress=p, via_llama_quantize=via_llama_quantize,
+                               imatrix=imatrix)
     if as_json:
         say(manifest.to_json(), end="")
     elif not quiet:
@@ -183,6 +187,7 @@ def pull(
     quant: str = typer.Option("Q4_K_M", "--quant", "-q", help="Language-model types, comma-separated, or 'all'."),
     mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type: F16 or Q8_0."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Quantizer threads (default: all cores)."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix for the low-bit types."),
     quiet: bool = typer.Option(False, "--quiet", help="Print errors only."),
 ):
     """Convert a checkpoint into the model store, under a name (`chat -m NAME`, `serve`)."""
@@ -192,7 +197,8 @@ def pull(
         store = ModelStore()
         name = check_name(name if name is not None else _default_name(source, Path(source).expanduser()))
         with _RichConvertProgress(err.is_terminal and not quiet, not quiet) as p:
-            model = store.pull(source, name, quant=quant, mmproj_quant=mmproj_quant, threads=threads, progress=p)
+            model = store.pull(source, name, quant=quant, mmproj_quant=mmproj_quant, threads=threads, progress=p,
+                               imatrix=imatrix)
     if not quiet:
         err.print(f"{model.name}: {', '.join(model.types())} in {model.folder}  (chat with: acestep-gguf chat IMAGE -m "
                   f"{model.name})")
@@ -579,7 +585,9 @@ def plan(
     where = "GPU" if result.output_on_gpu else "CPU"
     say(f"--gpu-layers {result.n_gpu_layers}: {result.reason}; output layer on the {where}")
     if best:
-        say(f"best: {chosen} puts every layer on the GPU" if chosen else
+        from .quant_types import TYPES
+        hint = " (it needs an importance matrix: convert --imatrix FILE)" if chosen and TYPES[chosen].needs_imatrix else ""
+        say(f"best: {chosen} puts every layer on the GPU{hint}" if chosen else
             f"best: no type puts every layer on the GPU at --ctx {ctx}; the smallest, {quant}, puts "
             f"{result.n_gpu_layers} of {result.n_layers + 1} (try a quantized KV cache or a shorter --ctx)")
     if not llama_cpp.llama_supports_gpu_offload():

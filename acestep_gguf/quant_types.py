@@ -14,12 +14,12 @@ class QuantType:
     file_type: F  # general.file_type / llama_ftype
     base: Q  # most weight matrices (llama_ftype_get_default_type); the exceptions: convert/tensor_types.py
     bits_per_weight: float  # for the free-space estimate only
+    needs_imatrix: bool = False  # llama.cpp makes it only with an importance matrix
 
 
 # `base` is llama_ftype_get_default_type; the per-tensor exceptions are convert/tensor_types.py's (a
-# mirror of llama.cpp's rules). Types llama.cpp makes only with an importance matrix (IQ1_*, IQ2_*,
-# Q2_K_S, and IQ3_XXS, whose attn_q/attn_k are IQ2_S) are not offered: we do not make importance
-# matrices yet.
+# mirror of llama.cpp's rules). The last six need an importance matrix (`convert --imatrix FILE`), as
+# llama-quantize demands one for them (IQ3_XXS: its attn_q/attn_k become IQ2_S).
 TYPES = {t.name: t for t in (
     QuantType("Q2_K", F.MOSTLY_Q2_K, Q.Q2_K, 3.0),
     QuantType("Q3_K_S", F.MOSTLY_Q3_K_S, Q.Q3_K, 3.5),
@@ -38,15 +38,22 @@ TYPES = {t.name: t for t in (
     QuantType("Q8_0", F.MOSTLY_Q8_0, Q.Q8_0, 8.5),
     QuantType("F16", F.MOSTLY_F16, Q.F16, 16.0),
     QuantType("BF16", F.MOSTLY_BF16, Q.BF16, 16.0),
+    QuantType("IQ2_XXS", F.MOSTLY_IQ2_XXS, Q.IQ2_XXS, 2.1, True),
+    QuantType("IQ2_XS", F.MOSTLY_IQ2_XS, Q.IQ2_XS, 2.3, True),
+    QuantType("IQ2_S", F.MOSTLY_IQ2_S, Q.IQ2_XS, 2.5, True),
+    QuantType("IQ2_M", F.MOSTLY_IQ2_M, Q.IQ2_S, 2.7, True),
+    QuantType("IQ3_XXS", F.MOSTLY_IQ3_XXS, Q.IQ3_XXS, 3.1, True),
+    QuantType("Q2_K_S", F.MOSTLY_Q2_K_S, Q.Q2_K, 2.8, True),
 )}
 ALL_QUANTIZED = ("Q4_K_M", "Q5_K_M", "Q8_0")  # what `--quant all` means
-NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "Q2_K_S")
+NOT_OFFERED = ("IQ1_S", "IQ1_M", "IQ3_XS")  # llama.cpp types we do not write
 # largest (closest to the checkpoint) first: what `plan --best` tries in turn
 BY_QUALITY = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K_L", "Q3_K_M",
-              "IQ3_M", "IQ3_S", "Q3_K_S", "Q2_K")
+              "IQ3_M", "IQ3_S", "Q3_K_S", "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS")
 # best first, when none is asked for: the usual trade-off first, then up, then down the ladder
 LANGUAGE_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q6_K", "Q5_K_S", "Q4_K_S", "IQ4_XS", "IQ4_NL", "Q4_0", "Q3_K_L",
-                       "Q3_K_M", "IQ3_M", "IQ3_S", "Q3_K_S", "Q2_K", "F16", "BF16")
+                       "Q3_K_M", "IQ3_M", "IQ3_S", "Q3_K_S", "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS",
+                       "IQ2_XXS", "F16", "BF16")
 VISION_PREFERENCE = ("F16", "Q8_0")
 VISION_TYPES = ("F16", "Q8_0")  # offered for the vision projector
 

@@ -62,22 +62,28 @@ class Quantizer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def rows(self, qtype: Q, rows: np.ndarray, tensor: str) -> np.ndarray:
+    def rows(self, qtype: Q, rows: np.ndarray, tensor: str, weights: np.ndarray | None = None) -> np.ndarray:
         """``rows`` (2-D, float32, C-contiguous) as ``qtype`` bytes, validated as llama.cpp validates
-        them; ``tensor`` names the tensor in messages."""
+        them; ``tensor`` names the tensor in messages; ``weights``: the importance of each column (an
+        imatrix entry), which the low-bit kernels use and the others ignore."""
         lib = _library()
         if rows.ndim != 2 or rows.dtype != np.float32 or not rows.flags.c_contiguous:
             raise ValueError("rows must be a C-contiguous 2-D float32 array")
         n_rows, n_per_row = rows.shape
-        if n_per_row % block_size(qtype) or lib.ggml_quantize_requires_imatrix(int(qtype)):
+        if n_per_row % block_size(qtype):
             raise TensorError(f"{tensor}: rows of {n_per_row} cannot be stored as {qtype.name}")
+        if weights is None and lib.ggml_quantize_requires_imatrix(int(qtype)):
+            raise TensorError(f"{tensor}: {qtype.name} needs an importance matrix entry for it (--imatrix)")
+        if weights is not None and (weights.dtype != np.float32 or weights.size != n_per_row):
+            raise ValueError("weights must be float32, one per column")
+        imatrix = weights.ctypes.data if weights is not None else None
         lib.ggml_quantize_init(int(qtype))  # once, here: its tables are built before any worker starts
         size = row_size(qtype, n_per_row)
         out = np.empty(n_rows * size, dtype=np.uint8)
         src, dst = rows.ctypes.data, out.ctypes.data
 
         def part(first: int, count: int) -> bool:
-            written = lib.ggml_quantize_chunk(int(qtype), src, dst, first * n_per_row, count, n_per_row, None)
+            written = lib.ggml_quantize_chunk(int(qtype), src, dst, first * n_per_row, count, n_per_row, imatrix)
             return written == count * size and lib.ggml_validate_row_data(int(qtype), dst + first * size, written)
 
         parts = self.threads if self._pool is not None and n_rows * n_per_row >= 1 << 16 else 1

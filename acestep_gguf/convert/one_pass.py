@@ -25,6 +25,7 @@ from ..models.spec import MetadataEntry
 from ..quant_types import QuantType, tensor_bytes
 from .ggml_kernels import Quantizer
 from .gguf_stream import OutTensor, Scratch, source_rows, to_type
+from .imatrix import Imatrix
 from .safetensors_file import TensorReader
 from .tensor_types import TensorInfo, choose_types, quantizer_order
 
@@ -110,7 +111,7 @@ class _BackgroundWrites:
 
 class _Output:
     def __init__(self, quant: QuantType, path: Path, arch: str, metadata: Sequence[MetadataEntry],
-                 tensors: Sequence[OutTensor], types: Sequence[Q]):
+                 tensors: Sequence[OutTensor], types: Sequence[Q], extra: Sequence[MetadataEntry] = ()):
         self.quant, self.path = quant, path
         self.types = {t.gguf_name: q for t, q in zip(tensors, types)}
         self.file = HashingFile(path)
@@ -120,6 +121,8 @@ class _Output:
                 self.writer.add_key_value(e.key, e.value, e.value_type, e.sub_type)
         self.writer.add_uint32(Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION)
         self.writer.add_uint32(Keys.General.FILE_TYPE, int(quant.file_type))
+        for e in extra:  # llama_model_quantize applies its KV overrides last
+            self.writer.add_key_value(e.key, e.value, e.value_type, e.sub_type)
         for t, q in zip(tensors, types):
             # a dummy float dtype: with raw_dtype given, gguf-py takes the shape as elements, not bytes
             self.writer.add_tensor_info(t.gguf_name, t.source.shape, np.dtype(np.float32),
@@ -152,18 +155,22 @@ class _Output:
                 raise
 
 
-def plan_types(tensors: Sequence[OutTensor], quant: QuantType, n_layer: int, is_70b: bool, n_gqa: int = 1) -> list[Q]:
+def plan_types(tensors: Sequence[OutTensor], quant: QuantType, n_layer: int, is_70b: bool, n_gqa: int = 1,
+               has_imatrix: bool = False) -> list[Q]:
     """Each tensor's type in a ``quant`` file, ``tensors`` in the quantizer's order."""
     infos = [TensorInfo(t.gguf_name, tuple(reversed(t.source.shape)), t.out_type) for t in tensors]
-    return choose_types(infos, quant, n_layer, is_70b, n_gqa)
+    return choose_types(infos, quant, n_layer, is_70b, n_gqa, has_imatrix)
 
 
 def write_quantized(targets: Sequence[tuple[QuantType, Path]], arch: str, metadata: Sequence[MetadataEntry],
                     tensors: Sequence[OutTensor], reader: TensorReader, *, n_layer: int, is_70b: bool,
-                    threads: int, advance: Callable[[int], None] = lambda n: None, n_gqa: int = 1) -> list[Written]:
+                    threads: int, advance: Callable[[int], None] = lambda n: None, n_gqa: int = 1,
+                    imatrix: Imatrix | None = None) -> list[Written]:
     """Write every target from one read of the source. ``tensors`` carry their lossless types (what
     llama.cpp's quantizer would have read); the files are written in order and closed on any error
-    (the caller owns and deletes the partial paths)."""
+    (the caller owns and deletes the partial paths). With an ``imatrix``, each weight it has an entry
+    for is quantized with that importance (as llama.cpp passes it) and its keys close the metadata."""
+    extra = imatrix.metadata() if imatrix is not None else []
     by_name = {t.gguf_name: t for t in tensors}
     ordered = [by_name[n] for n in quantizer_order(list(by_name))]
     outputs: list[_Output] = []
@@ -171,8 +178,8 @@ def write_quantized(targets: Sequence[tuple[QuantType, Path]], arch: str, metada
     scratch = Scratch()
     try:
         for quant, path in targets:
-            outputs.append(_Output(quant, path, arch, metadata, ordered,
-                                   plan_types(ordered, quant, n_layer, is_70b, n_gqa)))
+            outputs.append(_Output(quant, path, arch, list(metadata), ordered,
+                                   plan_types(ordered, quant, n_layer, is_70b, n_gqa, imatrix is not None), extra))
         with Quantizer(threads) as quantizer:
             for t in ordered:
                 for out in outputs:
@@ -190,7 +197,8 @@ def write_quantized(targets: Sequence[tuple[QuantType, Path]], arch: str, metada
                             rows = to_type(chunk, t.source.dtype, Q.F32, scratch.at_least(chunk.size))
                             rows = rows.reshape(-1, n_per_row)
                         what = f"{t.source.file.name}: tensor {t.source.name!r} ({t.gguf_name})"
-                        out.send(writes, quantizer.rows(q, rows, what))
+                        weights = imatrix.entries.get(t.gguf_name) if imatrix is not None else None
+                        out.send(writes, quantizer.rows(q, rows, what, weights))
                 for out in outputs:
                     out.send_padding(writes)
         writes.finish()

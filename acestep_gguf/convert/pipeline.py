@@ -7,6 +7,7 @@ By default each role's outputs are written in one pass from the safetensors (one
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -19,12 +20,13 @@ from ..manifest import Manifest, ManifestFile
 from ..models.registry import detect
 from .checkpoint import open_checkpoint
 from .gguf_stream import write_gguf
+from .imatrix import Imatrix, read_imatrix
 from .language import language_file
 from .one_pass import write_quantized
 from .outputs import (PartialFiles, check_space, exclusive, publish, remove_stale_partials, still_valid, verify,
                       write_manifest)
 from .plan import make_plan
-from ..quant_types import ALL_QUANTIZED, NEEDS_IMATRIX, TYPES, VISION_TYPES
+from ..quant_types import ALL_QUANTIZED, NOT_OFFERED, TYPES, VISION_TYPES
 from ..system import default_threads
 from .quantize import quantize
 from .safetensors_file import TensorReader
@@ -46,10 +48,8 @@ def parse_quant(quant: str | Iterable[str]) -> list[str]:
     out: list[str] = []
     for q in names:
         for t in (ALL_QUANTIZED if q.lower() == "all" else [q.upper()]):
-            if t in NEEDS_IMATRIX:
-                raise OptionError(f"--quant {q}: llama.cpp makes {t} only with an importance matrix, which "
-                                  "acestep-gguf does not compute yet; the smallest types without one are Q2_K, "
-                                  "Q3_K_S and IQ3_S")
+            if t in NOT_OFFERED:
+                raise OptionError(f"--quant {q}: {t} is not one of the types acestep-gguf writes")
             if t not in TYPES:
                 raise OptionError(f"--quant {q}: unknown type; choose from {', '.join(TYPES)} or all")
             if t not in out:
@@ -75,22 +75,30 @@ class _Job:
     verbose: bool
     via_llama_quantize: bool
     progress: ConvertProgress
+    imatrix: Imatrix | None = None
 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike | None = None, quant: str | Iterable[str] = "Q4_K_M",
             mmproj_quant: str = "F16", name: str | None = None, force: bool = False, threads: int | None = None,
             verbose: bool = False, progress: ConvertProgress | None = None,
-            via_llama_quantize: bool = False) -> Manifest:
+            via_llama_quantize: bool = False, imatrix: str | os.PathLike | None = None) -> Manifest:
     """Convert a llava-style safetensors checkpoint to GGUF files plus manifest.json; returns the manifest.
     ``via_llama_quantize`` writes a lossless intermediate and runs llama.cpp's quantizer on it instead
-    of the one-pass writer (same files, more time and a model's worth of temporary disk)."""
+    of the one-pass writer (same files, more time and a model's worth of temporary disk). ``imatrix``:
+    an importance-matrix file (llama.cpp's GGUF or legacy .dat), as `llama-quantize --imatrix` takes it;
+    the IQ2_* / IQ3_XXS / Q2_K_S types need one."""
     with interrupts.deferred():  # Ctrl-C is raised at safe points, never inside a llama.cpp callback
         return _convert(source, out, quant, mmproj_quant, name, force, threads, verbose,
-                        progress or ConvertProgress(), via_llama_quantize)
+                        progress or ConvertProgress(), via_llama_quantize, imatrix)
 
 
-def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, progress, via_llama_quantize) -> Manifest:
+def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, progress, via_llama_quantize,
+             imatrix_path=None) -> Manifest:
     types = parse_quant(quant)
+    needing = [t for t in types if TYPES[t].needs_imatrix]
+    if needing and imatrix_path is None:
+        raise OptionError(f"--quant {needing[0]}: llama.cpp makes it only with an importance matrix; give one with "
+                          "--imatrix FILE (llama-imatrix's, or a publisher's .imatrix / .dat)")
     mmproj_quant = mmproj_quant.upper()
     if mmproj_quant not in VISION_TYPES:
         raise OptionError(f"--mmproj-quant {mmproj_quant}: choose {' or '.join(VISION_TYPES)}")
@@ -102,6 +110,13 @@ def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, pr
     ckpt = open_checkpoint(source)
     family = detect(ckpt.config, str(ckpt.folder / "config.json"))
     plan = make_plan(ckpt, family)
+    imatrix = read_imatrix(imatrix_path) if imatrix_path is not None else None
+    if imatrix is not None:  # before any output: another model's file is one line, not a broken model
+        imatrix.check({p.spec.gguf_name: p.source.shape[-1] for p in plan.language if len(p.source.shape) == 2},
+                      f"{ckpt.folder.name}")
+        ckpt.source["fingerprint"] = hashlib.sha256((ckpt.source["fingerprint"] + imatrix.sha256).encode()).hexdigest()
+        ckpt.source["imatrix"] = {"file": Path(imatrix.path).name, "sha256": imatrix.sha256,
+                                  "datasets": list(imatrix.datasets), "chunks": imatrix.chunks}
     name = name or _default_name(str(source), ckpt.folder)
     folder = Path(out or f"{name}-gguf").expanduser().resolve()
     created = not folder.exists()
@@ -112,7 +127,8 @@ def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, pr
     try:
         with exclusive(folder):
             remove_stale_partials(folder)
-            job = _Job(types, mmproj_quant, threads or default_threads(), force, verbose, via_llama_quantize, progress)
+            job = _Job(types, mmproj_quant, threads or default_threads(), force, verbose, via_llama_quantize, progress,
+                       imatrix)
             return _convert_into(folder, ckpt, family, plan, name, job)
     except OSError as e:  # disk full, permissions, a file removed under us: name it, no traceback
         if e.errno == errno.EROFS:
@@ -193,11 +209,12 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, job: _Job) -> list:
     if role == "language":
         metadata, tensors, notes = language_file(plan, ckpt, name)
         arch = plan.family.gguf_arch
+        imatrix = job.imatrix
         for text in notes:
             job.progress.note(text)
     else:
         metadata, tensors = vision_file(plan, name)
-        arch = "clip"
+        arch, imatrix = "clip", None  # importance matrices cover the language model
     expected = {t.gguf_name: tuple(reversed(t.source.shape)) for t in tensors}
     done = 0
 
@@ -208,7 +225,7 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, job: _Job) -> list:
         interrupts.check()  # a safe point: between two chunks
 
     if job.via_llama_quantize:
-        written = _via_llama_quantize(role, jobs, arch, metadata, tensors, files, partials, name, job, advance)
+        written = _via_llama_quantize(role, jobs, arch, metadata, tensors, files, partials, name, job, advance, imatrix)
     else:
         job.progress.phase(f"write {role} ({', '.join(t for t, _ in jobs)})", sum(t.source.nbytes for t in tensors),
                            "bytes")
@@ -217,7 +234,7 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, job: _Job) -> list:
         written = [(w.path, w.sha256) for w in write_quantized(
             targets, arch, metadata, tensors, files, n_layer=h["n_layer"],
             is_70b=role == "language" and plan.family.language.is_70b(h), threads=job.threads, advance=advance,
-            n_gqa=h["n_head"] // h["n_head_kv"] if role == "language" else 1)]
+            n_gqa=h["n_head"] // h["n_head_kv"] if role == "language" else 1, imatrix=imatrix)]
     ready = []
     for (type_name, file), (partial, digest) in zip(jobs, written):
         verify(partial, arch, expected)
@@ -225,7 +242,8 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, job: _Job) -> list:
     return ready
 
 
-def _via_llama_quantize(role, jobs, arch, metadata, tensors, files, partials, name, job: _Job, advance) -> list:
+def _via_llama_quantize(role, jobs, arch, metadata, tensors, files, partials, name, job: _Job, advance,
+                        imatrix=None) -> list:
     """The reference route: the lossless GGUF, then llama.cpp's quantizer once per type."""
     intermediate = partials.path(f"{name}-lossless.gguf" if role == "language" else f"mmproj-{name}-lossless.gguf")
     job.progress.phase(f"write {role} (lossless)", sum(t.source.nbytes for t in tensors), "bytes")
@@ -235,7 +253,7 @@ def _via_llama_quantize(role, jobs, arch, metadata, tensors, files, partials, na
         partial = partials.path(file)
         job.progress.phase(f"quantize {file}", len(tensors), "tensors")
         quantize(intermediate, partial, type_name, threads=job.threads, verbose=job.verbose,
-                 on_tensor=lambda i, n: job.progress.advance(i))
+                 on_tensor=lambda i, n: job.progress.advance(i), imatrix=imatrix)
         written.append((partial, None))
     intermediate.unlink()  # free its disk space before the next role's intermediate
     return written

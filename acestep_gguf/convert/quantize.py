@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import re
 import shutil
 import threading
@@ -20,12 +22,33 @@ _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]")
 
 
 def quantize(src: Path, dst: Path, type_name: str, *, threads: int | None = None, verbose: bool = False,
-             on_tensor: Callable[[int, int], None] = lambda done, total: None) -> None:
-    """Write ``dst`` as ``type_name`` from the lossless GGUF ``src``; ``on_tensor(i, n)`` follows progress."""
+             on_tensor: Callable[[int, int], None] = lambda done, total: None, imatrix=None) -> None:
+    """Write ``dst`` as ``type_name`` from the lossless GGUF ``src``; ``on_tensor(i, n)`` follows progress.
+    ``imatrix`` (convert/imatrix.py) is handed over as llama-quantize hands it: the data, and its
+    quantize.imatrix.* keys as KV overrides."""
     ftype = int(TYPES[type_name].file_type)
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = threads or default_threads()
     params.ftype = ftype
+    keep = []  # what the C structs point into, alive for the call
+    if imatrix is not None:
+        names = sorted(imatrix.entries)
+        rows = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
+        for i, n in enumerate(names):
+            values = imatrix.entries[n]
+            keep += [n.encode(), values]
+            rows[i].name, rows[i].size = keep[-2], values.size
+            rows[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        overrides = (llama_cpp.llama_model_kv_override * (len(imatrix.metadata()) + 1))()
+        for o, entry in zip(overrides, imatrix.metadata()):
+            o.key = entry.key.encode()
+            if isinstance(entry.value, str):
+                o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, entry.value.encode()[:127]
+            else:
+                o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, entry.value
+        keep += [rows, overrides]
+        params.imatrix = ctypes.cast(rows, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
 
     def follow(line: str) -> None:
         match = _TENSOR_LINE.search(line)

@@ -4,10 +4,9 @@
 `llama_model_quantize_impl`'s preliminary loop: `tensor_allows_quantization`, then
 `llama_tensor_get_type` → `llama_tensor_get_type_impl` (the mixes) → `tensor_type_fallback`
 (row lengths that do not divide the block size). This module follows those functions branch by
-branch for the file types we write (quant_types.TYPES: Q2_K .. Q8_0, IQ3_S/M, IQ4_XS/NL, F16, BF16),
-with no overrides, no imatrix, no experts and no fused QKV — the only inputs our architectures
-(qwen2, llama, clip) can reach; branches for other architectures (Falcon) and for the types that
-need an imatrix are left out. The tests compare it with llama.cpp on real files and, through
+branch for the file types we write (quant_types.TYPES), with or without an importance matrix, with
+no overrides, no experts and no fused QKV — the only inputs our architectures (qwen2, llama, clip)
+can reach; branches for other architectures (Falcon) and for IQ1_* are left out. The tests compare it with llama.cpp on real files and, through
 llama.cpp's exported `llama_quant_compute_types`, on a sweep of shapes and layer counts."""
 
 from __future__ import annotations
@@ -26,8 +25,10 @@ NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", ".position_embd", ".pa
                    ".rel_pos", "attn_rel_b.weight")
 UNQUANTIZED_NAMES = ("position_embd.weight", "token_types.weight")  # LLM_TN(arch)(POS_EMBD / TOKEN_TYPES)
 # tensor_type_fallback: a block-256 type whose row length does not divide 256 → this block-32 type
-FALLBACK = {Q.IQ3_S: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
-            Q.Q6_K: Q.Q8_0}
+FALLBACK = {Q.IQ2_XXS: Q.IQ4_NL, Q.IQ2_XS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL, Q.IQ3_XXS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL,
+            Q.IQ4_XS: Q.IQ4_NL, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+IQ2_GROUP = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M")  # llama.cpp's very-low-bit branch (and IQ1_*, not ours)
+LOW_OUTPUT = IQ2_GROUP + ("IQ3_XXS",)  # whose output (and tied token_embd) gets Q5_K, not Q6_K
 UNQUANTIZED = (Q.F32, Q.F16, Q.BF16)  # the defaults for which ggml_is_quantized() is false
 
 
@@ -87,14 +88,14 @@ def _ggml_n_dims(ne: Sequence[int]) -> int:
 
 
 def choose_types(tensors: Sequence[TensorInfo], file_type: QuantType, n_layer: int, is_70b: bool,
-                 n_gqa: int = 1) -> list[Q]:
+                 n_gqa: int = 1, has_imatrix: bool = False) -> list[Q]:
     """The type of each tensor, ``tensors`` in the order llama.cpp's quantizer visits them
     (see `quantizer_order`); counters advance in that order, as upstream. ``n_gqa`` is
-    n_head / n_head_kv (hparams.n_gqa())."""
+    n_head / n_head_kv (hparams.n_gqa()); a few rules change when an importance matrix is given."""
     default = file_type.base  # llama_ftype_get_default_type
     n_attention_wv = sum(1 for t in tensors if category(t.name) == "attn_v")  # init_quantize_state_counters
     state = {"tied": not any(category(t.name) == "output" for t in tensors), "wv": 0, "n_wv": n_attention_wv,
-             "down": 0, "n_down": n_layer, "70b": is_70b, "gqa": n_gqa}
+             "down": 0, "n_down": n_layer, "70b": is_70b, "gqa": n_gqa, "imatrix": has_imatrix}
     out = []
     for t in tensors:
         if not allows_quantization(t.name, t.ne):
@@ -112,21 +113,41 @@ def _mix(ftype: str, new: Q, t: TensorInfo, st: dict) -> Q:
     if cat == "output" or (st["tied"] and cat == "token_embd"):
         if t.ne[0] % block_size(new) != 0:
             return Q.Q8_0
+        if ftype in LOW_OUTPUT:
+            return Q.Q5_K
         return Q.Q6_K if new != Q.Q8_0 else new
     if cat == "token_embd":
-        return new
+        return {"IQ2_XXS": Q.Q2_K, "IQ2_XS": Q.Q2_K, "IQ2_S": Q.IQ3_S, "IQ2_M": Q.IQ3_S, "IQ3_XXS": Q.IQ3_S}.get(ftype, new)
+    if ftype in IQ2_GROUP:
+        return _very_low_bit(ftype, new, cat, st)
     if cat == "attn_v":
         new = _attn_v(ftype, new, st)
         if st["70b"] and new in (Q.Q3_K, Q.Q4_K):
             new = Q.Q5_K
         st["wv"] += 1
         return new
+    if cat in ("attn_k", "attn_q"):
+        return Q.IQ2_S if ftype == "IQ3_XXS" else new
     if cat == "ffn_down":
-        new = _ffn_down(ftype, new, st["down"], st["n_down"])
+        new = _ffn_down(ftype, new, st["down"], st["n_down"], st["imatrix"])
         st["down"] += 1
         return new
     if cat == "attn_output":
-        return {"Q2_K": Q.Q3_K, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K, "IQ3_M": Q.Q4_K}.get(ftype, new)
+        return {"Q2_K": Q.Q3_K, "IQ3_XXS": Q.IQ3_S, "Q3_K_M": Q.Q4_K, "Q3_K_L": Q.Q5_K, "IQ3_M": Q.Q4_K}.get(ftype, new)
+    return new
+
+
+def _very_low_bit(ftype: str, new: Q, cat: str, st: dict) -> Q:
+    """The IQ2_* branch: attn_v, the first eighth of ffn_down and attn_output get more bits."""
+    more = Q.IQ3_S if ftype in ("IQ2_S", "IQ2_M") else Q.Q2_K
+    if cat == "attn_v":
+        st["wv"] += 1
+        return Q.Q4_K if st["gqa"] >= 4 else more
+    if cat == "ffn_down":
+        st["down"] += 1
+        return more if st["down"] - 1 < st["n_down"] // 8 else new
+    if cat == "attn_output" and ftype in ("IQ2_S", "IQ2_M"):
+        return Q.IQ3_S
     return new
 
 
@@ -134,6 +155,10 @@ def _attn_v(ftype: str, new: Q, st: dict) -> Q:
     gqa4, i = st["gqa"] >= 4, st["wv"]
     if ftype == "Q2_K":
         return Q.Q4_K if gqa4 else Q.Q3_K
+    if ftype == "Q2_K_S" and gqa4:
+        return Q.Q4_K
+    if ftype == "IQ3_XXS":
+        return Q.Q4_K if gqa4 else Q.IQ3_XXS if st["imatrix"] else Q.IQ3_S
     if ftype == "IQ3_S" and gqa4:
         return Q.Q4_K
     if ftype == "IQ3_M":
@@ -151,9 +176,13 @@ def _attn_v(ftype: str, new: Q, st: dict) -> Q:
     return new
 
 
-def _ffn_down(ftype: str, new: Q, i: int, n: int) -> Q:
+def _ffn_down(ftype: str, new: Q, i: int, n: int, imatrix: bool) -> Q:
     if ftype == "Q2_K":
         return Q.Q3_K
+    if ftype == "Q2_K_S":
+        return Q.Q4_K if i < n // 8 else new
+    if ftype == "IQ3_XXS" and not imatrix:
+        return Q.Q4_K if i < n // 8 else Q.Q3_K
     if ftype == "Q3_K_M":
         return Q.Q5_K if i < n // 16 else Q.Q4_K
     if ftype == "IQ3_M" and i < n // 8:
@@ -162,12 +191,14 @@ def _ffn_down(ftype: str, new: Q, i: int, n: int) -> Q:
         return Q.Q5_K
     if ftype == "Q4_K_M":
         return Q.Q6_K if use_more_bits(i, n) else new
-    if i < n // 8 and ftype in ("IQ4_NL", "IQ4_XS"):  # without an imatrix
+    if i < n // 8 and ftype in ("IQ4_NL", "IQ4_XS") and not imatrix:
         return Q.Q5_K
     if ftype == "Q5_K_M" and use_more_bits(i, n):
         return Q.Q6_K
     if ftype == "Q4_K_S" and i < n // 8:
         return Q.Q5_K
+    if ftype == "Q4_0" and imatrix and i < n // 8:  # guards the first layers against Q4_0's craziness
+        return Q.Q4_1
     return new
 
 

@@ -50,7 +50,9 @@ def language_tensor_bytes(preset: dict, quant: str) -> tuple[list[int], dict[str
         if p["qkv_bias"]:
             ne.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
     infos = [TensorInfo(n, ne[n], Q.BF16 if len(ne[n]) == 2 else Q.F32) for n in quantizer_order(list(ne))]
-    types = choose_types(infos, TYPES[quant], p["n_layer"], p.get("is_70b", False), p["n_head"] // p["n_head_kv"])
+    # the types that need an importance matrix are sized as made with one (their rules change with it)
+    types = choose_types(infos, TYPES[quant], p["n_layer"], p.get("is_70b", False), p["n_head"] // p["n_head_kv"],
+                         has_imatrix=TYPES[quant].needs_imatrix)
     layers, other = [0] * p["n_layer"], {}
     for t, qtype in zip(infos, types):
         n_bytes = tensor_bytes(qtype, _elements(t.ne))

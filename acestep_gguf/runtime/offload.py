@@ -205,12 +205,12 @@ def plan(s: ModelShape, vram: int, n_ctx: int, gpu_available: bool = True,
 
 def best_fit(shape_of: Callable[[str], ModelShape], types: Sequence[str], vram: int, n_ctx: int,
              cache: CacheTypes = CacheTypes()) -> tuple[str | None, OffloadPlan]:
-    """The first of ``types`` (largest first) that puts every layer and the output on the GPU, with
-    its plan; (None, the last type's plan) when none does."""
+    """The first of ``types`` (largest first) that puts every repeating layer on the GPU (the output
+    layer too if it fits), with its plan; (None, the last type's plan) when none does."""
     result = None
     for type_name in types:
         result = plan(shape_of(type_name), vram, n_ctx, True, cache)
-        if result.output_on_gpu:
+        if result.n_gpu_layers >= result.n_layers:
             return type_name, result
     return None, result
 
