@@ -178,6 +178,38 @@ def convert(
         err.print(f"done: {folder}/manifest.json  (chat with: acestep-gguf chat IMAGE -m {folder})")
 
 
+# -- imatrix ---------------------------------------------------------------------------------------
+@app.command()
+def imatrix(
+    model: Path = typer.Argument(..., help="Converted folder or model name (its F16, BF16 or Q8_0 file is used)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The importance-matrix file to write (GGUF)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="A folder of pictures, each asked a built-in question."),
+    conversations: Optional[Path] = typer.Option(None, "--conversations", help="JSON lines: {\"image\", \"question\", "
+                                                 "\"answer\"}, picture paths relative to the file."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Plain text, in chunks of --chunk-size tokens (as "
+                                        "llama-imatrix -f takes it)."),
+    chunk_size: int = typer.Option(512, "--chunk-size", help="Tokens per text chunk (llama-imatrix -c)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="Which file to calibrate on (default: F16, BF16, Q8_0)."),
+    threads: Optional[int] = THREADS_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    verbose: bool = VERBOSE_OPTION,
+):
+    """Compute an importance matrix on pictures and text (for `convert --imatrix`, or llama-quantize)."""
+    from .imatrix_tool import compute
+    with _errors(), Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                             console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("calibrating", total=None)
+        summary = compute(model, out, images=images, conversations=conversations, text=text, chunk_size=chunk_size,
+                          quant=quant, threads=threads, verbose=verbose,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total),
+                          plan=lambda line: note(line))
+    if as_json:
+        say(json.dumps(summary))
+    else:
+        err.print(f"wrote {summary['out']}: {summary['entries']} weights, {summary['chunks']} text chunks, "
+                  f"{summary['conversations']} picture conversations (use: convert SOURCE --imatrix {summary['out']})")
+
+
 # -- the model store -------------------------------------------------------------------------------
 @app.command()
 def pull(

@@ -25,7 +25,7 @@ TAG=acestep.2
 installed() { "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$VERSION+$TAG' else 1)" 2>/dev/null; }
 have_data() {
   for v in $VOCABS; do for s in "" .inp .out; do [ -f "$DATA/$v$s" ] || return 1; done; done
-  [ -f "$DATA/llama.cpp-convert/convert_hf_to_gguf.py" ]
+  [ -f "$DATA/llama.cpp-convert/convert_hf_to_gguf.py" ] && [ -x "$DATA/bin/llama-imatrix" ] && [ -x "$DATA/bin/llama-quantize" ]
 }
 if installed && [ -z "${FORCE:-}" ] && have_data; then
   echo "llama-cpp-python $VERSION+$TAG is already installed (FORCE=1 rebuilds it)"
@@ -42,6 +42,18 @@ for v in $VOCABS; do for suffix in "" .inp .out; do cp "$src/vendor/llama.cpp/mo
 rm -rf "$DATA/llama.cpp-convert" && mkdir -p "$DATA/llama.cpp-convert"
 cp -r "$src/vendor/llama.cpp/convert_hf_to_gguf.py" "$src/vendor/llama.cpp/conversion" "$src/vendor/llama.cpp/gguf-py" \
   "$DATA/llama.cpp-convert/"
+# llama.cpp's own llama-imatrix and llama-quantize, the references of the imatrix tests (about 10
+# minutes on 2 cores, once): the same vendored source, static, without AMX as below
+if [ ! -x "$DATA/bin/llama-imatrix" ] || [ ! -x "$DATA/bin/llama-quantize" ]; then
+  echo "building llama.cpp's llama-imatrix and llama-quantize for the tests (about 10 minutes on 2 cores)"
+  command -v cmake >/dev/null && command -v ninja >/dev/null || "$PY" -m pip install -q cmake ninja
+  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  cmake -S "$src/vendor/llama.cpp" -B "$work/tools" -G Ninja -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF \
+    -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" > "$work/cmake.log" 2>&1 || { cat "$work/cmake.log" >&2; exit 1; }
+  ninja -C "$work/tools" llama-imatrix llama-quantize > "$work/ninja.log" 2>&1 || { tail -50 "$work/ninja.log" >&2; exit 1; }
+  mkdir -p "$DATA/bin" && cp "$work/tools/bin/llama-imatrix" "$work/tools/bin/llama-quantize" "$DATA/bin/"
+fi
 if installed && [ -z "${FORCE:-}" ]; then
   echo "llama-cpp-python $VERSION+$TAG is already installed; tokenizer test data kept in $DATA"
   exit 0

@@ -59,6 +59,14 @@ class KVSession:
     def n_ctx(self) -> int:
         return self.llm.n_ctx()
 
+    @property
+    def add_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    @property
+    def bos(self) -> int:
+        return llama_cpp.llama_vocab_bos(self.vocab)
+
     def clear(self) -> None:
         self.cache, self.n_past = [], 0
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
@@ -92,8 +100,8 @@ class KVSession:
         try:
             wanted: list[Span] = []
             sources: list = []  # per span: None (a text token) or the mtmd image chunk to evaluate
-            if llama_cpp.llama_vocab_get_add_bos(self.vocab):  # where mtmd puts it: before everything
-                wanted.append(Span(("t", llama_cpp.llama_vocab_bos(self.vocab)), 1))
+            if self.add_bos:  # where mtmd puts it: before everything
+                wanted.append(Span(("t", self.bos), 1))
                 sources.append(None)
             for piece in pieces:
                 if isinstance(piece, TextPiece):
