@@ -161,6 +161,9 @@ def convert(
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help="Importance matrix (llama-imatrix's GGUF, or a "
                                            "publisher's .imatrix / .dat) for the language model: needed by IQ2_*, "
                                            "IQ3_XXS, Q2_K_S; improves the other low-bit types."),
+    calibrate: Optional[Path] = typer.Option(None, "--calibrate", help="A folder of pictures: make the F16 file, an "
+                                             "importance matrix calibrated on them (kept as <name>.imatrix), then "
+                                             "--quant with it."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
     quiet: bool = typer.Option(False, "--quiet", help="Print errors only."),
     verbose: bool = VERBOSE_OPTION,
@@ -170,7 +173,7 @@ def convert(
     with _errors(), _RichConvertProgress(err.is_terminal and not quiet and not as_json, not quiet and not as_json) as p:
         manifest = run_convert(source, out=out_dir, quant=quant, mmproj_quant=mmproj_quant, name=name, force=force,
                                threads=threads, verbose=verbose, progress=p, via_llama_quantize=via_llama_quantize,
-                               imatrix=imatrix)
+                               imatrix=imatrix, calibrate=calibrate)
     if as_json:
         say(manifest.to_json(), end="")
     elif not quiet:

@@ -84,7 +84,7 @@ def compute(folder: Path, out: Path, *, images: Path | None = None, conversation
                           "--quant F16)")
     items = load_conversations(images, conversations)
     collector = Collector()
-    n_ctx = max(chunk_size, 4096 if items else chunk_size)
+    n_ctx = max(chunk_size, 4096 if items else 1024)  # the chat needs room for a picture even for text
     partial = out.with_name(out.name + ".partial")
     with VisionChat.load(folder, quant=quant, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=0, verbose=verbose) as chat:
         tokens = None

@@ -141,3 +141,18 @@ def test_ctrl_c_leaves_no_file(model, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in err, err[-1000:]
     assert not list(tmp_path.glob("o.gguf*"))
+
+
+def test_one_command_from_checkpoint_to_calibrated_low_bit_files(tmp_path):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for seed in range(3):
+        demo_question(random.Random(seed))[0].save(pictures / f"p{seed}.png")
+    done = cli_process("convert", DEMO_CHECKPOINT, "--out", tmp_path / "out", "--name", "demo", "--quant",
+                       "IQ2_M,Q4_K_M", "--calibrate", pictures, "--json", timeout=600)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads(done.stdout)
+    assert sorted(f["type"] for f in manifest["files"] if f["role"] == "language") == ["F16", "IQ2_M", "Q4_K_M"]
+    assert (tmp_path / "out" / "demo.imatrix").is_file()
+    assert manifest["source"]["imatrix"]["file"] == "demo.imatrix"
+    assert manifest["source"]["imatrix"]["datasets"] == [str(pictures)]

@@ -7,7 +7,6 @@ By default each role's outputs are written in one pass from the safetensors (one
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -114,7 +113,6 @@ def _convert(source, out, quant, mmproj_quant, name, force, threads, verbose, pr
     if imatrix is not None:  # before any output: another model's file is one line, not a broken model
         imatrix.check({p.spec.gguf_name: p.source.shape[-1] for p in plan.language if len(p.source.shape) == 2},
                       f"{ckpt.folder.name}")
-        ckpt.source["fingerprint"] = hashlib.sha256((ckpt.source["fingerprint"] + imatrix.sha256).encode()).hexdigest()
         ckpt.source["imatrix"] = {"file": Path(imatrix.path).name, "sha256": imatrix.sha256,
                                   "datasets": list(imatrix.datasets), "chunks": imatrix.chunks}
     name = name or _default_name(str(source), ckpt.folder)
@@ -149,9 +147,16 @@ def _convert_into(folder, ckpt, family, plan, name, job: _Job) -> Manifest:
               + [("vision", job.mmproj_quant, f"mmproj-{name}-{job.mmproj_quant}.gguf")])
     kept: dict[tuple[str, str], ManifestFile] = {}
     todo = []
+    same_imatrix = previous is not None and previous.source.get("imatrix") == ckpt.source.get("imatrix")
+
+    def reusable(entry: ManifestFile) -> bool:
+        """Files an importance matrix shapes are kept only if made with this one (F16, BF16, mmproj: always)."""
+        return same_imatrix or entry.role == "vision" or entry.type in UNSHAPED
+
     for role, t, file in wanted:
         entry = previous.entry(role, t) if previous else None
-        if not job.force and entry is not None and entry.file == file and still_valid(folder, entry):
+        if (not job.force and entry is not None and entry.file == file and reusable(entry)
+                and still_valid(folder, entry)):
             kept[(role, t)] = entry
             progress.file_done(entry, reused=True)
         else:
@@ -179,10 +184,13 @@ def _convert_into(folder, ckpt, family, plan, name, job: _Job) -> Manifest:
     source_info = {**ckpt.source, "architecture": family.architectures[0], "family": family.name}
     entries = [written.get((r, t)) or kept[(r, t)] for r, t, _ in wanted]
     others = [f for f in (previous.files if previous else []) if (f.role, f.type) not in {(r, t) for r, t, _ in wanted}
-              and (folder / f.file).is_file()]
+              and (folder / f.file).is_file() and reusable(f)]
     manifest = Manifest(name, source_info, __version__, entries + others)
     write_manifest(folder, manifest)
     return manifest
+
+
+UNSHAPED = ("F16", "BF16")  # language types no importance matrix changes
 
 
 def _previous(folder: Path, fingerprint: str) -> Manifest | None:
