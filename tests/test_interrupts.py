@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -130,12 +131,17 @@ def test_sigint_in_the_main_thread_of_a_host_app(endless, capfd):
 def test_an_early_ctrl_c_is_never_lost_or_a_traceback(endless, noise_image, delay):
     """Ctrl-C while the command is still importing llama.cpp, loading the model or encoding the image:
     exit 130, one line, and the answer does not run on."""
-    proc = subprocess.Popen(["acestep-gguf", "chat", str(noise_image), "-m", str(endless), "-p", "Describe it.",
+    # the console script pip installed beside this Python: a version manager's shim on PATH (pyenv's is
+    # a bash script) could be the one interrupted, exiting 130 before our code runs at all
+    script = pathlib.Path(sys.executable).parent / "acestep-gguf"
+    proc = subprocess.Popen([str(script), "chat", str(noise_image), "-m", str(endless), "-p", "Describe it.",
                              "--max-tokens", "100000", "--ctx", "16384"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     stderr = stderr.decode()
     assert proc.returncode == 130, stderr[-2000:]
-    assert stderr.strip().splitlines()[-1] == "interrupted" and len(stderr.strip().splitlines()) == 1
+    # "interrupted", or nothing at all when the signal came while Python itself was still starting
+    # (CPython then exits 130 on its own, before any code of ours runs)
+    assert stderr.strip().splitlines() in ([], ["interrupted"]), stderr[-2000:]
     no_python_noise(stderr)
