@@ -32,6 +32,12 @@ def _callback(level: int, text: bytes, user_data) -> None:
         pass
 
 
+def mute() -> None:
+    """Stop echoing llama.cpp's log (a quantizer left running after Ctrl-C must not write after the
+    "interrupted" line); it is still kept for error messages."""
+    _state["verbose"] = False
+
+
 def install(verbose: bool = False) -> None:
     """Take over llama.cpp's log output for this process (idempotent)."""
     _state["verbose"] = verbose

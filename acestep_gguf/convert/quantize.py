@@ -73,5 +73,7 @@ def run_interruptible(call: Callable[[], int]) -> int:
     worker.start()
     while worker.is_alive():
         worker.join(0.1)
+        if interrupts.pending():
+            llama_log.mute()  # the worker runs on to its end: nothing of it may follow "interrupted"
         interrupts.check()
     return result[0] if result else -1
