@@ -4,6 +4,7 @@ holds. Every refusal is the caller's typed error, naming the file."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -24,16 +25,23 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: Path, error: type[AcestepGGUFError], what: str = "file") -> BinaryIO:
-    """Open ``path`` for reading only if it is a regular file. O_NONBLOCK makes opening a FIFO return
-    at once (instead of waiting for a writer), so fstat can refuse it."""
+def open_regular(path: Path, error: type[AcestepGGUFError], what: str = "file",
+                 follow_symlinks: bool = True) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file (and, with ``follow_symlinks`` false,
+    not a symlink). O_NONBLOCK makes opening a FIFO return at once (instead of waiting for a
+    writer), so fstat can refuse it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise error(f"{path}: no such {what}") from None
     except IsADirectoryError:
         raise error(f"{path}: is a directory, expected a {what}") from None
     except OSError as e:
+        if e.errno == errno.ELOOP and not follow_symlinks:
+            raise error(f"{path}: is a symlink, expected a {what}") from None
         raise error(f"{path}: cannot open ({e.strerror})") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):

@@ -17,12 +17,13 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ModelFilesError
+from ..files import open_regular
 from ..runtime.chat import ChatState
 from ..runtime.images import PreparedImage
 from ..runtime.kv_session import KVSnapshot
@@ -66,13 +67,9 @@ class StateLimits:
         return None
 
 
-def open_regular(path: Path):
-    """Open for reading only a regular file, never following a symlink, never blocking on a FIFO."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{path.name} is not a regular file")
-    return os.fdopen(fd, "rb")
+def _open_state(path: Path):
+    """A state file: a regular file only, never a symlink followed or a FIFO waited on."""
+    return open_regular(path, ModelFilesError, "state file", follow_symlinks=False)
 
 
 def message_keys(messages: list[dict]) -> tuple[str, ...]:
@@ -179,7 +176,7 @@ class StateStore:
 
     def _header(self, path: Path) -> dict | None:
         try:
-            with open_regular(path) as f:
+            with _open_state(path) as f:
                 if f.read(len(MAGIC)) != MAGIC:
                     return None
                 (n,) = struct.unpack("<I", f.read(4))
@@ -191,7 +188,7 @@ class StateStore:
                   and isinstance(header.get("bytes"), int) and isinstance(header.get("kv_bytes"), int)
                   and path.stat().st_size == len(MAGIC) + 4 + n + header["bytes"])
             return {**header, "offset": len(MAGIC) + 4 + n} if ok else None
-        except (OSError, ValueError, struct.error):
+        except (OSError, ValueError, struct.error, ModelFilesError):
             return None
 
     def _scan(self) -> None:
@@ -221,7 +218,7 @@ class StateStore:
         try:
             if header is None:
                 raise ValueError("bad header")
-            with open_regular(entry.path) as f:
+            with _open_state(entry.path) as f:
                 f.seek(header["offset"])
                 payload = f.read(header["bytes"])
             if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
