@@ -113,6 +113,21 @@ class ModelStore:
                 continue
         return out
 
+    def stamp(self) -> tuple | None:
+        """Changes whenever a model is added, removed or re-converted (the folder's and each manifest's
+        modification times): a server re-reads its catalog only then, not on every request."""
+        try:
+            names = self._names()
+            times = []
+            for n in names:
+                try:
+                    times.append((self.root / n / MANIFEST).stat().st_mtime_ns)
+                except OSError:
+                    times.append(None)
+            return (self.root.stat().st_mtime_ns, tuple(names), tuple(times))
+        except OSError:
+            return None
+
     def problems(self) -> dict[str, str]:
         """Entries that are not usable models, with the reason."""
         out = {}

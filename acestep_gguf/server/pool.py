@@ -66,6 +66,7 @@ class ModelPool:
         self.load_fn, self.store, self.memory_of = load, store, memory_of
         self.max_loaded, self.max_bytes, self.keep_alive = max_loaded, max_bytes, keep_alive
         self.fixed = fixed
+        self._catalog: tuple | None = None  # (the store's stamp, rows): re-read only when the store changes
         self.entries: dict[str, Entry] = {}
         self._cond: asyncio.Condition | None = None
         self.closing = False
@@ -82,12 +83,16 @@ class ModelPool:
         if self.fixed is not None:
             name, folder, quant = self.fixed
             return [(f"{name}:{quant}", name, folder, quant)]
+        stamp = self.store.stamp()
+        if self._catalog is not None and self._catalog[0] == stamp and stamp is not None:
+            return self._catalog[1]
         out = []
         for model in self.store.list():
             types = model.types()
             default = model.manifest.pick("language", None).type
             for t in [default] + [t for t in types if t != default]:
                 out.append((f"{model.name}:{t}", model.name, model.folder, t))
+        self._catalog = (stamp, out)
         return out
 
     def lookup(self, reference) -> tuple[str, str, Path, str]:
