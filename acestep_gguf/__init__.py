@@ -12,14 +12,14 @@ from .errors import (AcestepGGUFError, BusyError, CancelledError, CheckpointErro
                      TensorError, UnsupportedArchitectureError)
 from .manifest import Manifest  # noqa: E402
 
-__all__ = ["convert", "VisionChat", "Manifest", "AcestepGGUFError", "BusyError", "CancelledError", "CheckpointError",
+__all__ = ["convert", "VisionChat", "BatchRequest", "BatchReply", "Manifest", "AcestepGGUFError", "BusyError", "CancelledError", "CheckpointError",
            "ConfigError", "OptionError", "ContextFullError", "ImageError", "ModelFilesError", "OutputError",
            "QuantizeError", "TensorError", "UnsupportedArchitectureError"]
 
 
 def __getattr__(name: str):
-    if name == "VisionChat":
-        from .runtime import VisionChat
-        globals()["VisionChat"] = VisionChat
-        return VisionChat
+    if name in ("VisionChat", "BatchRequest", "BatchReply"):
+        from . import runtime
+        globals()[name] = getattr(runtime, name)
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

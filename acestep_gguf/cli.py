@@ -59,6 +59,19 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def parallel_option(value: str) -> str | int:
+    """--parallel: 'auto' or a whole number of sequences from 1 to 64."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise OptionError(f"--parallel {value!r}: use 'auto' or a whole number of conversations") from None
+    if not 1 <= n <= 64:
+        raise OptionError(f"--parallel {value}: from 1 to 64 conversations at once")
+    return n
+
+
 def gpu_layers_option(value: str) -> str | int:
     """--gpu-layers: 'auto' or a whole number of at least 0."""
     if value.strip().lower() == "auto":
@@ -91,6 +104,8 @@ THREADS_OPTION = typer.Option(None, "--threads", min=1, help="CPU threads (defau
 GPU_LAYERS_OPTION = typer.Option("auto", "--gpu-layers", help="'auto' (planned from --vram) or a number of layers.")
 VRAM_OPTION = typer.Option(None, "--vram", help="GPU memory budget with a unit, e.g. 12GiB (default: free VRAM).")
 VERBOSE_OPTION = typer.Option(False, "--verbose", help="Show llama.cpp's own log.")
+PARALLEL_OPTION = typer.Option("auto", "--parallel", help="Conversations decoded together, each with its own --ctx "
+                               "(auto: 4, 2 or 1, as the KV caches fit; 1 = one at a time).")
 CACHE_K_OPTION = typer.Option("f16", "--cache-type-k", help="KV cache K type: f16, q8_0 or q4_0 (less memory).")
 CACHE_V_OPTION = typer.Option("f16", "--cache-type-v", help="KV cache V type: f16, q8_0 or q4_0 (quantized V "
                               "switches flash attention on).")
@@ -285,14 +300,14 @@ def rm(names: List[str] = typer.Argument(..., help="Model names.")):
 
 # -- chat ------------------------------------------------------------------------------------------
 def _load_chat(model: Optional[Path], quant, ctx, threads, gpu_layers, vram, system, seed, verbose,
-               cache_type_k: str = "f16", cache_type_v: str = "f16"):
+               cache_type_k: str = "f16", cache_type_v: str = "f16", parallel: int | str = 1):
     from .runtime import VisionChat
     if model is not None and model.is_file():
         raise OptionError(f"{model}: pass the converted folder (with manifest.json), not a single .gguf file")
     folder = model or default_model_folder(quant)
     session = VisionChat.load(folder, quant=quant, n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers_option(gpu_layers),
                               vram=vram, system=system, seed=seed, cache_type_k=cache_type_k,
-                              cache_type_v=cache_type_v, verbose=verbose)
+                              cache_type_v=cache_type_v, parallel=parallel, verbose=verbose)
     if not session.exact_vision:
         note("warning: this llama-cpp-python build mis-orders llava image tokens (llama.cpp#25814); answers about "
              "images are degraded. Install with tools/build_llama_cpp.sh.", style="yellow")
@@ -451,6 +466,8 @@ def serve(
                                              "with a unit (default: 3/4 of RAM)."),
     cache_type_k: str = CACHE_K_OPTION,
     cache_type_v: str = CACHE_V_OPTION,
+    parallel: str = typer.Option("auto", "--parallel", help="Slots: requests answered at once, decoded together, "
+                                  "each with its own --ctx (auto: 4, 2 or 1, as the KV caches fit)."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log and every request."),
 ):
     """Serve the model over HTTP: OpenAI and Ollama APIs and a chat page at http://HOST:PORT/."""
@@ -472,7 +489,8 @@ def serve(
                    max_image_bytes=parse_size(max_image_bytes, "--max-image-bytes"), cors_origins=cors_origin,
                    allowed_hosts=allowed_host, body_timeout_s=body_timeout, models=models, max_loaded=max_loaded,
                    keep_alive=keep_alive, max_memory=parse_size(max_memory, "--max-memory") if max_memory else None,
-                   cache_type_k=cache_type_k, cache_type_v=cache_type_v, verbose=verbose)
+                   cache_type_k=cache_type_k, cache_type_v=cache_type_v, parallel=parallel_option(parallel),
+                   verbose=verbose)
 
 
 # -- caption ---------------------------------------------------------------------------------------
@@ -500,12 +518,14 @@ def caption(
     model_sha256: Optional[str] = typer.Option(None, "--model-sha256", help="With --ray: the manifest.json sha256 every "
                                                "worker must have (default: the driver's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    parallel: str = PARALLEL_OPTION,
     cache_type_k: str = CACHE_K_OPTION,
     cache_type_v: str = CACHE_V_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
     """Caption many images with one loaded model (or a Ray cluster of them); resumable, exactly one
-    line per image, bad images recorded once."""
+    line per image in input order, bad images recorded once. --parallel pictures are decoded together
+    (per worker with --ray)."""
     from .runtime.caption import caption_images, collect_images
     with _errors():
         files = collect_images(inputs, IMAGE_SUFFIXES)
@@ -525,10 +545,11 @@ def caption(
                                            cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, quant=quant,
                                            n_ctx=ctx, max_tokens=max_tokens, retry_failed=retry_failed,
                                            expected_sha256=model_sha256, on_progress=progress,
-                                           cache_type_k=cache_type_k, cache_type_v=cache_type_v)
+                                           cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                                           parallel=parallel_option(parallel))
             else:
                 session = _load_chat(model, quant, ctx, threads, gpu_layers, vram, None, None, verbose, cache_type_k,
-                                     cache_type_v)
+                                     cache_type_v, parallel_option(parallel))
                 with session:
                     summary = caption_images(session, files, prompt, out_file, max_tokens=max_tokens,
                                              retry_failed=retry_failed, on_image=lambda record: bar.advance(task))
@@ -548,6 +569,8 @@ def plan(
     mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type for --preset: F16 or Q8_0."),
     vram: str = typer.Option("12GiB", "--vram", help="GPU memory budget with a unit: 12GiB, 11.5GB, 800MiB."),
     ctx: int = typer.Option(8192, "--ctx", min=1, help="Context length in tokens."),
+    parallel: int = typer.Option(1, "--parallel", min=1, max=64, help="Conversations decoded together (caption and "
+                                 "serve --parallel), each with its own --ctx of KV cache."),
     cache_type_k: str = CACHE_K_OPTION,
     cache_type_v: str = CACHE_V_OPTION,
     best: bool = typer.Option(False, "--best", help="Find the largest type that puts every layer on the GPU (with "
@@ -564,6 +587,7 @@ def plan(
         from .runtime.kv_cache_types import CacheTypes
         budget = offload.parse_size(vram)
         cache = CacheTypes.parse(cache_type_k, cache_type_v)
+        positions = ctx * parallel  # each sequence has a KV cache of its own
         chosen = None
         if best:
             if preset:
@@ -584,7 +608,7 @@ def plan(
                 raise OptionError("--best needs --preset NAME or a converted folder / model name")
             if not candidates:
                 raise OptionError(f"{model}: holds no quantized type to choose from")
-            chosen, result = offload.best_fit(shape_of, candidates, budget, ctx, cache)
+            chosen, result = offload.best_fit(shape_of, candidates, budget, positions, cache)
             quant = chosen or candidates[-1]
             what = f"{preset or model} {quant}"
         elif preset:
@@ -599,12 +623,13 @@ def plan(
         else:
             raise OptionError("give a model folder / .gguf file, or --preset ace-step-1.5")
         if not best:
-            result = offload.plan(shape, budget, ctx, gpu_available=True, cache=cache)
+            result = offload.plan(shape, budget, positions, gpu_available=True, cache=cache)
     if as_json:
         say(json.dumps({**result.to_dict(), **({"best": chosen, "type": quant} if best else {})}))
         return
     size = offload.size_formatter(vram)
-    table = Table(title=f"{what}: {result.n_gpu_layers} GPU layers for {vram} at {ctx} context", title_justify="left")
+    at = f"{ctx} context" + (f" x {parallel} conversations" if parallel > 1 else "")
+    table = Table(title=f"{what}: {result.n_gpu_layers} GPU layers for {vram} at {at}", title_justify="left")
     table.add_column("item")
     table.add_column("GPU", justify="right")
     table.add_column("CPU", justify="right")

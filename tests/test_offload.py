@@ -127,3 +127,29 @@ def test_plan_best_finds_the_largest_type_that_fits():
 def test_types_that_need_an_importance_matrix_are_refused_in_one_line(tmp_path, tiny_checkpoint):
     one_error_line(cli_process("convert", tiny_checkpoint, "--out", tmp_path / "o", "--quant", "IQ2_XS"),
                    "only with an importance matrix", "--imatrix FILE")
+
+
+@pytest.mark.parametrize("quant, vram_gib, ram_gib, expected", [
+    ("Q4_K_M", 12, 64, 1),   # the 32B does not fit a 12 GB card: another sequence's KV would push layers off it
+    ("Q4_K_M", 24, 64, 2),   # all 65 fit with two sequences; four would cost three layers
+    ("IQ2_XS", 24, 8, 4),    # the whole KV on the card: host RAM does not matter
+    ("Q4_K_M", 0, 64, 4),    # CPU only: four 4096-position Q8_0 caches (2.1 GiB) within a quarter of 64 GiB
+    ("Q4_K_M", 0, 8, 2),     # ... but not of 8 GiB
+])
+def test_auto_parallel_never_costs_a_gpu_layer_or_much_ram(quant, vram_gib, ram_gib, expected):
+    from acestep_gguf.runtime.kv_cache_types import CacheTypes
+    from acestep_gguf.runtime.offload import auto_parallel
+    shape, cache = shape_from_preset("ace-step-1.5", quant), CacheTypes.parse("q8_0", "q8_0")
+    chosen = auto_parallel(lambda n: plan(shape, vram_gib << 30, 4096 * n, vram_gib > 0, cache), ram_gib << 30)
+    assert chosen == expected
+
+
+def test_plan_with_several_conversations_counts_a_kv_cache_for_each():
+    def planned(*extra):
+        result = CliRunner().invoke(app, ["plan", "--preset", "ace-step-1.5", "--vram", "24GiB", "--ctx", "4096",
+                                          "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+    one, four = planned(), planned("--parallel", "4")
+    assert four["kv_cache_total_bytes"] == 4 * one["kv_cache_total_bytes"]
+    assert four["n_gpu_layers"] < one["n_gpu_layers"]

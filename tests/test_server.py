@@ -85,7 +85,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(converted):
-    s = Server(converted)
+    s = Server(converted, "--parallel", "1")  # one slot: conversations taking turns go through the state store
     yield s
     s.stop()
 
@@ -280,7 +280,7 @@ def test_a_client_that_disconnects_mid_stream_frees_the_server(endless, noise_im
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_gives_up_while_waiting_never_cancels_the_one_being_served(endless, stream):
-    s = Server(endless, "--ctx", "16384", quant="F16")
+    s = Server(endless, "--ctx", "16384", "--parallel", "1", quant="F16")  # one slot: the second request waits
     try:
         served = http.client.HTTPConnection("127.0.0.1", s.port, timeout=120)
         body = {"model": "endless", "stream": True, "max_tokens": 12000, "messages": [user("Tell me everything.")]}
@@ -306,6 +306,7 @@ def test_a_client_that_gives_up_while_waiting_never_cancels_the_one_being_served
         while s.stats()["dropped"] != 1 and time.time() < deadline:
             time.sleep(0.05)
         assert s.stats() | {"images_encoded": None, "state_cache": None, "models": None} == {
-            "requests": 1, "waiting": 0, "dropped": 1, "images_encoded": None, "state_cache": None, "models": None}
+            "requests": 1, "waiting": 0, "dropped": 1, "images_encoded": None, "state_cache": None, "models": None,
+            "slots": 1, "slots_busy": 0, "decode_steps": s.stats()["decode_steps"], "decoded_tokens": s.stats()["decode_steps"]}
     finally:
         s.stop()

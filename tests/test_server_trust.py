@@ -365,8 +365,9 @@ def test_servers_of_other_contexts_keep_their_own_states(tmp_path, converted, no
 
 def test_two_clients_taking_turns_store_each_conversation_once(converted, noise_image, second_image):
     """Each switch saves the conversation left; a state whose conversation is a prefix of another is
-    not kept beside it, so the store grows with conversations, not with turns."""
-    s = Server(converted)
+    not kept beside it, so the store grows with conversations, not with turns (one slot: with more,
+    each conversation would keep a slot of its own and the store would not be needed)."""
+    s = Server(converted, "--parallel", "1")
     cached = []
     try:
         client = s.client()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
-from ..errors import AcestepGGUFError, ImageError, OutputError
+from ..errors import ImageError, OutputError
 from ..files import open_regular
+from .batch import BatchRequest
 
 
 def collect_images(inputs: Iterable[Path], suffixes: tuple[str, ...]) -> list[Path]:
@@ -88,17 +89,17 @@ def pending(files: list[Path], out_file: Path, retry_failed: bool = False) -> tu
     return todo, len(files) - len(todo)
 
 
-def caption_one(chat, path, prompt: str, max_tokens: int) -> dict:
-    """One image's record: {"image", "text", ...} or {"image", "error"}; a fresh conversation each time."""
-    key = str(path)
-    chat.reset()
-    try:
-        text = chat.ask(prompt, [path], max_tokens=max_tokens)
-    except AcestepGGUFError as e:
-        return {"image": key, "error": str(e)}
-    t = chat.last_turn
-    return {"image": key, "text": text.strip(), "prompt": prompt, "completion_tokens": t.completion_tokens,
-            "finish_reason": t.finish_reason}
+def caption_records(chat, paths: list, prompt: str, max_tokens: int) -> Iterator[dict]:
+    """One record per picture, in the given order: {"image", "text", ...} or {"image", "error"}; each
+    picture a fresh conversation, up to ``chat.parallel`` of them decoded together. A picture whose
+    turn was cancelled (Ctrl-C) gets no record: it is captioned on the next run."""
+    for reply in chat.batch([BatchRequest(prompt, (path,)) for path in paths], max_tokens=max_tokens):
+        key = str(paths[reply.index])
+        if reply.error is not None:
+            yield {"image": key, "error": reply.error}
+        elif reply.stats.finish_reason != "cancelled":
+            yield {"image": key, "text": reply.text.strip(), "prompt": prompt,
+                   "completion_tokens": reply.stats.completion_tokens, "finish_reason": reply.stats.finish_reason}
 
 
 class Appender:
@@ -116,15 +117,16 @@ class Appender:
 
 def caption_images(chat, files: list[Path], prompt: str, out_file: Path, max_tokens: int = 256,
                    retry_failed: bool = False, on_image: Callable[[dict], None] = lambda record: None) -> dict:
-    """Append one record per image not captioned yet; each image starts a fresh conversation."""
+    """Append one record per image not captioned yet, in input order; each image starts a fresh
+    conversation, ``chat.parallel`` of them at a time (a line is written once every earlier
+    picture's is: a file made with --parallel 4 equals one made with --parallel 1)."""
     todo, skipped = pending(files, out_file, retry_failed)
     summary = {"captioned": 0, "skipped": skipped, "failed": 0}
     for _ in range(skipped):
         on_image({"skipped": True})
     sink = Appender(out_file)
     try:
-        for path in todo:
-            record = caption_one(chat, path, prompt, max_tokens)
+        for record in caption_records(chat, todo, prompt, max_tokens):
             summary["failed" if "error" in record else "captioned"] += 1
             sink.write(record)
             on_image(record)

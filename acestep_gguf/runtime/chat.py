@@ -34,20 +34,23 @@ import numpy as np
 from .. import interrupts, llama_log
 from ..errors import BusyError, CancelledError, ModelFilesError, OptionError
 from ..models.fields import MAX_POSITIONS
-from ..system import default_threads
+from ..system import available_memory, default_threads
 from ..templates import (KNOWN_PLACEHOLDERS, MEDIA_MARKER, PLACEHOLDER_KEY, ImageStyle, TemplateFailed, compile_template,
                          image_style)
 from .generation import SamplingOptions, TurnStats, generate
 from .images import MAX_DECODED_BYTES, PreparedImage, prepare
+from .batch import BatchCounters, BatchReply, BatchRequest, answer_all
 from .kv_cache_types import CacheTypes
-from .kv_session import Cancelled, KVSession, KVSnapshot
+from .kv_session import AbortFlag, Cancelled, KVSession, KVSnapshot
+from .llama_context import LoadedModel
 from .gguf_header import read_header
 from .model_files import ModelFiles, check_pair, fields_of, pixel_recipe, resolve
 from .prompt import render_prompt
-from .offload import N_UBATCH, plan_offload
+from .offload import N_UBATCH, auto_parallel, plan_offload
 
 PATCHED_BUILD = "+acestep."  # 0.3.36+acestep.N: tools/build_llama_cpp.sh
 PROMPT_ROOM = 32  # positions beyond one image that the smallest useful context must hold
+MAX_PARALLEL = 64  # sequences in one context (llama.cpp allows 256; each needs its own KV cache)
 
 
 class _Contexts:
@@ -69,8 +72,8 @@ class _Contexts:
 class VisionChat:
     """A conversation about images with one loaded model. One generation at a time."""
 
-    def __init__(self, files: ModelFiles, contexts: _Contexts, recipe, style: ImageStyle, system: str | None,
-                 seed: int | None, n_gpu_layers: int):
+    def __init__(self, files: ModelFiles, contexts: _Contexts, recipe, style: ImageStyle, template: str,
+                 system: str | None, seed: int | None, n_gpu_layers: int):
         self.files, self.model_path, self.quant = files, files.model, files.quant
         self.n_gpu_layers = n_gpu_layers
         self.offload_plan = None
@@ -80,7 +83,7 @@ class VisionChat:
         self._contexts = contexts
         self._finalizer = weakref.finalize(self, contexts.free)
         self._recipe = recipe
-        self.chat_template = contexts.llm.metadata["tokenizer.chat_template"]  # the GGUF's own
+        self.chat_template = template  # the GGUF's own
         self._template = compile_template(self.chat_template)
         self.image_style = style  # how the template places pictures (checked at load)
         self._system, self._seed = system, seed
@@ -89,9 +92,12 @@ class VisionChat:
         self._active = None  # weakref to the running _Turn: a dropped stream must still be collected
         self._closed = False
         cancel = self._cancel = threading.Event()
-        self._abort_cb = llama_cpp.ggml_abort_callback(lambda _: cancel.is_set())  # no reference to self
+        abort = self._abort = AbortFlag(cancel)  # also a batch's sequence being prefilled (runtime/batch.py)
+        self._abort_cb = llama_cpp.ggml_abort_callback(abort)  # no reference to self
         llama_cpp.llama_set_abort_callback(contexts.llm.ctx, self._abort_cb, None)
         self._kv = KVSession(contexts.llm, contexts.mctx, cancel)
+        self.parallel = contexts.llm.n_seq  # sequences the context holds (batch(), serve --parallel)
+        self.last_batch = BatchCounters()  # of the last batch() call
         self.last_turn = TurnStats()
         self.images_encoded_total = 0
         self._clear()
@@ -101,12 +107,14 @@ class VisionChat:
     def load(cls, folder: str | Path | None = None, *, model: str | Path | None = None, mmproj: str | Path | None = None,
              quant: str | None = None, mmproj_quant: str | None = None, n_ctx: int = 8192, n_threads: int | None = None,
              n_gpu_layers: int | str = "auto", vram: str | int | None = None, system: str | None = None,
-             seed: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+             seed: int | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16", parallel: int | str = 1,
              verbose: bool = False) -> "VisionChat":
         """Open a converted folder, a model of the store ("name" or "name:TYPE"), or explicit
         model/mmproj paths, ready to chat. Both files are checked against what llama.cpp will read
         before llama.cpp sees them. ``cache_type_k`` / ``cache_type_v``: f16, q8_0 or q4_0 (a quantized
-        V switches flash attention on, as llama.cpp requires)."""
+        V switches flash attention on, as llama.cpp requires). ``parallel``: how many conversations
+        the context holds at once, each with ``n_ctx`` positions of its own (batch(), serve --parallel);
+        "auto": 4, 2 or 1, the most whose KV caches cost no GPU layer and at most a quarter of free RAM."""
         cache = CacheTypes.parse(cache_type_k, cache_type_v)
         files = resolve(folder, model=model, mmproj=mmproj, quant=quant, mmproj_quant=mmproj_quant)
         headers = read_header(files.model, "language model"), read_header(files.mmproj, "mmproj")  # once per load
@@ -118,19 +126,27 @@ class VisionChat:
         arch = model_fields["general.architecture"]
         cache.check_head_dim(model_fields.get(f"{arch}.attention.key_length", model_fields[f"{arch}.embedding_length"]
                                               // model_fields[f"{arch}.attention.head_count"]))
+        if parallel != "auto" and (type(parallel) is not int or not 1 <= parallel <= MAX_PARALLEL):
+            raise OptionError(f"parallel {parallel!r}: 'auto' or a whole number from 1 to {MAX_PARALLEL}")
         if n_threads is not None and (type(n_threads) is not int or not 1 <= n_threads <= 1024):
             raise OptionError(f"n_threads {n_threads!r}: a whole number from 1 to 1024")
+        if parallel == "auto":
+            parallel = auto_parallel(lambda n: plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx * n,
+                                                            headers=headers, cache=cache), available_memory())
         offload = None
         if n_gpu_layers == "auto":
-            offload = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx, headers=headers, cache=cache)
+            offload = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx * parallel, headers=headers,
+                                   cache=cache)
             n_gpu_layers = offload.n_gpu_layers
         elif type(n_gpu_layers) is not int or n_gpu_layers < 0:
             raise OptionError(f"n_gpu_layers {n_gpu_layers!r}: 'auto' or a whole number of at least 0")
         contexts = _Contexts()
         try:
             with interrupts.deferred():  # a Ctrl-C while loading is raised once loading has returned
-                contexts.llm, contexts.mctx = _open_contexts(files, n_ctx, n_threads, n_gpu_layers, cache, verbose)
-                chat = cls(files, contexts, recipe, style, system, seed, n_gpu_layers)
+                contexts.llm, contexts.mctx = _open_contexts(files, n_ctx, n_threads, n_gpu_layers, cache, verbose,
+                                                             parallel)
+                chat = cls(files, contexts, recipe, style, model_fields["tokenizer.chat_template"], system, seed,
+                           n_gpu_layers)
         except BaseException:
             contexts.free()
             raise
@@ -272,6 +288,45 @@ class VisionChat:
         decoded pixels (checked from its header, before decoding)."""
         return prepare(image, self._recipe, max_decoded_bytes or MAX_DECODED_BYTES)
 
+    def batch(self, requests, **sampling) -> Iterator[BatchReply]:
+        """Answer many independent questions, up to ``parallel`` of them decoded together (the
+        context holds that many conversations): each request is a BatchRequest, a {"prompt",
+        "images"} dict or a (prompt, images) pair, answered as a fresh conversation (the system
+        prompt, then its pictures and text) exactly as ask() would answer it after reset().
+        Yields a BatchReply per request in request order; a request whose picture cannot be read
+        gets one with ``error`` and the others go on. Holds the session from this call until the
+        iterator ends or is closed; cancel() ends it (requests not started get no reply). The
+        session's own conversation is reset afterwards."""
+        options = SamplingOptions.from_kwargs(self._seed, **sampling)
+        self._acquire()
+        self._cancel.clear()
+        self.last_turn = TurnStats()
+        base = [m for m in self._messages if m["role"] == "system"][:1]
+        turn = _Turn(self, self._batch_body(requests, options, base))
+        self._active = weakref.ref(turn)
+        return turn
+
+    def _batch_body(self, requests, options: SamplingOptions, base: list[dict]) -> Iterator[BatchReply]:
+        try:
+            with interrupts.deferred(self.cancel):
+                yield from answer_all(self, requests, options, base, self._batch_message)
+        finally:
+            self._messages = list(base)  # the cache's spans are compared anew on the next turn
+
+    def _batch_message(self, request) -> dict:
+        if isinstance(request, BatchRequest):
+            prompt, images = request.prompt, request.images
+        elif isinstance(request, dict) and set(request) <= {"prompt", "images"}:
+            prompt, images = request.get("prompt"), request.get("images", ())
+        elif isinstance(request, (tuple, list)) and len(request) == 2:
+            prompt, images = request
+        else:
+            raise OptionError("a batch request is a BatchRequest, a {'prompt', 'images'} dict or a (prompt, images) pair")
+        if not isinstance(prompt, str):
+            raise OptionError(f"a batch request's prompt must be a string, not {type(prompt).__name__}")
+        parts = [{"type": "image", "image": prepare(img, self._recipe)} for img in _image_list(images)]
+        return {"role": "user", "content": parts + [{"type": "text", "text": prompt}]}
+
     def next_token_logprobs(self, prompt: str, images: Sequence | None = ()) -> np.ndarray:
         """Log-probabilities of the first reply token (float64, one per vocabulary entry); the
         conversation does not advance. For parity checks and quality reports."""
@@ -348,8 +403,8 @@ class VisionChat:
             if stats.stop_string_hit:
                 reply["tokens"] = None  # cut text no longer matches its tokens: re-tokenise it next turn
 
-    def _prefill(self, messages: list[dict], stats: TurnStats) -> None:
-        kv = self._kv
+    def _prefill(self, messages: list[dict], stats: TurnStats, kv: KVSession | None = None) -> None:
+        kv = kv or self._kv
         style = self.image_style
         pieces = render_prompt(self._template, style, messages, kv.special_text(llama_cpp.llama_vocab_bos(kv.vocab)),
                                kv.special_text(llama_cpp.llama_vocab_eos(kv.vocab)),
@@ -442,16 +497,10 @@ def _image_style(fields: dict, path: Path, system: str | None) -> ImageStyle:
 
 
 def _open_contexts(files: ModelFiles, n_ctx: int, n_threads: int | None, n_gpu_layers: int, cache: CacheTypes,
-                   verbose: bool):
+                   verbose: bool, parallel: int = 1):
     llama_log.install(verbose)
-    try:
-        llm = llama_cpp.Llama(str(files.model), n_ctx=n_ctx, n_threads=n_threads or default_threads(),
-                              n_gpu_layers=n_gpu_layers, n_batch=min(n_ctx, 2048),
-                              n_ubatch=min(n_ctx, N_UBATCH), type_k=cache.ggml_k, type_v=cache.ggml_v,
-                              flash_attn=cache.flash_attn, verbose=verbose)
-    except ValueError as e:
-        raise ModelFilesError(f"{files.model}: llama.cpp could not load it ({llama_log.recent() or e})") from None
-    llama_log.install(verbose)  # Llama() installs its own logger; take it back
+    llm = LoadedModel(files.model, n_ctx_seq=n_ctx, n_seq=parallel, n_threads=n_threads or default_threads(),
+                      n_gpu_layers=n_gpu_layers, n_batch=min(n_ctx, 2048), n_ubatch=min(n_ctx, N_UBATCH), cache=cache)
     params = mtmd.mtmd_context_params_default()
     params.use_gpu = n_gpu_layers > 0
     params.print_timings = verbose

@@ -101,52 +101,86 @@ def make_sampler(o: SamplingOptions, vocab):
     return chain
 
 
+class Decoding:
+    """One sequence's sampling, one token at a time: the sampler chain, stop strings, UTF-8 and the
+    turn's stats. Its owner decodes ``token`` after every ``step()`` that did not finish — alone
+    (generate below) or together with other sequences (runtime/batch.py): both run this same code."""
+
+    def __init__(self, kv, o: SamplingOptions, stats: TurnStats, started: float, generated: list[int],
+                 cancel=None):
+        self.kv, self.o, self.stats, self.started, self.generated = kv, o, stats, started, generated
+        self.cancel = cancel if cancel is not None else kv.cancel
+        self.sampler = make_sampler(o, kv.vocab)
+        self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python does
+        self.text, self.sent, self.stop_hit, self.t_first = "", 0, False, None
+        self.token = -1
+
+    def step(self, index: int = -1) -> tuple[str, bool]:
+        """Sample the next token from the logits of row ``index`` of the last batch: (text safe to
+        show now, finished). ``stats.finish_reason`` says why it finished."""
+        import llama_cpp
+        stats, o = self.stats, self.o
+        if self.cancel.is_set():
+            stats.finish_reason = "cancelled"
+            return "", True
+        if stats.completion_tokens >= o.max_tokens:
+            stats.finish_reason = "length"
+            return "", True
+        token = llama_cpp.llama_sampler_sample(self.sampler, self.kv.llm.ctx, index)
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            stats.time_to_first_token_s = self.t_first - self.started
+        if llama_cpp.llama_vocab_is_eog(self.kv.vocab, token):
+            stats.finish_reason = "stop"
+            return "", True
+        stats.completion_tokens += 1
+        self.generated.append(token)
+        self.token = token
+        self.text += self.decoder.decode(self.kv.piece(token))
+        out, self.stop_hit = release(self.text, self.sent, o.stop)
+        self.sent += len(out)
+        if self.stop_hit:
+            stats.finish_reason, stats.stop_string_hit = "stop", True
+            return out, True
+        if self.kv.n_past + 1 >= self.kv.n_ctx:
+            stats.finish_reason = "context"
+            return out, True
+        return out, False
+
+    def tail(self) -> str:
+        """What is left to show once finished: a held-back partial stop string that never completed."""
+        self.text += self.decoder.decode(b"", final=True)
+        return "" if self.stop_hit else self.text[self.sent:]
+
+    def close(self) -> None:
+        import llama_cpp
+        if self.sampler is not None:
+            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler = None
+        if self.t_first is not None:
+            self.stats.decode_s = time.perf_counter() - self.t_first
+
+
 def generate(kv, o: SamplingOptions, stats: TurnStats, started: float, generated: list[int]) -> Iterator[str]:
     """Sample after the prompt the KV session holds, yielding text as soon as it is safe to show (no
     half UTF-8 character, no possible start of a stop string). Every sampled token is appended to
     ``generated``; ``stats.finish_reason`` says why it ended (stop, length, context, cancelled)."""
-    import llama_cpp
-
     from .kv_session import Cancelled
-    sampler = make_sampler(o, kv.vocab)
-    decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python does
-    text, sent, stop_hit, t_first = "", 0, False, None
+    decoding = Decoding(kv, o, stats, started, generated)
     try:
         while True:
-            if kv.cancel.is_set():
-                stats.finish_reason = "cancelled"
-                break
-            if stats.completion_tokens >= o.max_tokens:
-                stats.finish_reason = "length"
-                break
-            token = llama_cpp.llama_sampler_sample(sampler, kv.llm.ctx, -1)
-            if t_first is None:
-                t_first = time.perf_counter()
-                stats.time_to_first_token_s = t_first - started
-            if llama_cpp.llama_vocab_is_eog(kv.vocab, token):
-                stats.finish_reason = "stop"
-                break
-            stats.completion_tokens += 1
-            generated.append(token)
-            text += decoder.decode(kv.piece(token))
-            out, stop_hit = release(text, sent, o.stop)
+            out, finished = decoding.step()
             if out:
-                sent += len(out)
                 yield out
-            if stop_hit:
-                stats.finish_reason, stats.stop_string_hit = "stop", True
-                break
-            if kv.n_past + 1 >= kv.n_ctx:
-                stats.finish_reason = "context"
+            if finished:
                 break
             try:
-                kv.decode_token(token)
+                kv.decode_token(decoding.token)
             except Cancelled:
                 stats.finish_reason = "cancelled"
                 break
-        text += decoder.decode(b"", final=True)
-        if not stop_hit and text[sent:]:
-            yield text[sent:]  # a held-back partial stop string that never completed
+        if tail := decoding.tail():
+            yield tail
     except GeneratorExit:
         stats.finish_reason = stats.finish_reason or "cancelled"  # closed by the caller before the end
         raise
@@ -154,6 +188,4 @@ def generate(kv, o: SamplingOptions, stats: TurnStats, started: float, generated
         stats.finish_reason = "error"
         raise
     finally:
-        llama_cpp.llama_sampler_free(sampler)
-        if t_first is not None:
-            stats.decode_s = time.perf_counter() - t_first
+        decoding.close()

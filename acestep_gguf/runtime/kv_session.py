@@ -3,13 +3,16 @@
 The cache is a list of spans — a text token by id, or a whole image by the digest of its pixels —
 so a new prompt is compared with it span by span and only what differs is evaluated: an earlier
 image is never encoded again. VisionChat is a conversation on top of this; a server or a batch
-worker can drive it directly. Not thread-safe: the owner serialises calls."""
+worker can drive it directly. One KVSession is one sequence of the context (``seq``); a context
+made for several sequences has one KVSession each (runtime/batch.py decodes them together). Not
+thread-safe: the owner serialises calls."""
 
 from __future__ import annotations
 
 import ctypes
 import re
 import threading
+import weakref
 from dataclasses import dataclass
 
 import llama_cpp
@@ -26,6 +29,21 @@ from .prompt import TextPiece
 
 class Cancelled(Exception):
     """The cancel event stopped llama.cpp mid-call; the owner turns it into a finish reason."""
+
+
+class AbortFlag:
+    """llama.cpp's abort callback: true once the session's cancel event is set, or that of the one
+    batch sequence being prefilled (``extra``). Never raises (it runs inside a ctypes callback)."""
+
+    def __init__(self, base: threading.Event):
+        self.base, self.extra = base, None
+
+    def __call__(self, _data) -> bool:
+        extra = self.extra
+        return self.base.is_set() or (extra is not None and extra.is_set())
+
+    def is_set(self) -> bool:
+        return self(None)
 
 
 @dataclass
@@ -46,9 +64,10 @@ class KVSnapshot:
 
 
 class KVSession:
-    def __init__(self, llm: llama_cpp.Llama, mctx, cancel: threading.Event):
-        self.llm, self.mctx, self.cancel = llm, mctx, cancel
+    def __init__(self, llm, mctx, cancel: threading.Event, seq: int = 0):
+        self.llm, self.mctx, self.cancel, self.seq = llm, mctx, cancel, seq
         self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self._batch = TokenBatch(llm.n_batch)
         self.cache: list[Span] = []
         self.n_past = 0  # positions held by the KV cache: the sum of the cache's n_pos
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -69,14 +88,14 @@ class KVSession:
 
     def clear(self) -> None:
         self.cache, self.n_past = [], 0
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llm.ctx), True)
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), self.seq, -1, -1)
 
     def snapshot(self) -> KVSnapshot:
         """The KV cells of the conversation held now (host memory; a few hundred kB per token for 32B)."""
         ctx = self.llm.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        size = llama_cpp.llama_state_seq_get_size(ctx, self.seq)
         buf = (ctypes.c_uint8 * size)()
-        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, self.seq)
         return KVSnapshot(tuple((s.key, s.n_pos) for s in self.cache), self.n_past, bytes(buf)[:n])
 
     def restore(self, snap: KVSnapshot) -> bool:
@@ -85,7 +104,7 @@ class KVSession:
         if not snap.data:
             return False
         buf = (ctypes.c_uint8 * len(snap.data)).from_buffer_copy(snap.data)
-        if llama_cpp.llama_state_seq_set_data(self.llm.ctx, buf, len(snap.data), 0) == 0:
+        if llama_cpp.llama_state_seq_set_data(self.llm.ctx, buf, len(snap.data), self.seq) == 0:
             self.clear()
             return False
         self.cache, self.n_past = [Span(tuple(k), n) for k, n in snap.spans], snap.n_past
@@ -212,7 +231,7 @@ class KVSession:
 
     def truncate(self, keep: int) -> None:
         self.n_past = sum(s.n_pos for s in self.cache[:keep])
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), 0, self.n_past, -1)
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), self.seq, self.n_past, -1)
         del self.cache[keep:]
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -232,8 +251,8 @@ class KVSession:
         batch = self.llm.n_batch
         for start in range(0, len(spans), batch):
             part = spans[start:start + batch]
-            tokens = (llama_cpp.llama_token * len(part))(*[s.key[1] for s in part])
-            self._check_decode(llama_cpp.llama_decode(self.llm.ctx, llama_cpp.llama_batch_get_one(tokens, len(part))))
+            self._batch.fill([(s.key[1], self.n_past + i, self.seq, i == len(part) - 1) for i, s in enumerate(part)])
+            self._check_decode(llama_cpp.llama_decode(self.llm.ctx, self._batch.batch))
             self.cache += part
             self.n_past += len(part)
             stats.evaluated_positions += len(part)
@@ -242,11 +261,16 @@ class KVSession:
         """Append one generated token (not counted as prompt evaluation)."""
         self.decode_text([Span(("t", token), 1)], TurnStats())
 
+    def appended(self, token: int) -> None:
+        """A generated token was decoded into this sequence by a batch of several (runtime/batch.py)."""
+        self.cache.append(Span(("t", token), 1))
+        self.n_past += 1
+
     def _decode_image(self, chunk, span: Span, stats: TurnStats) -> None:
         if self.cancel.is_set():
             raise Cancelled()
         new_n_past = llama_cpp.llama_pos(0)
-        status = mtmd.mtmd_helper_eval_chunk_single(self.mctx, self.llm.ctx, chunk, self.n_past, 0,
+        status = mtmd.mtmd_helper_eval_chunk_single(self.mctx, self.llm.ctx, chunk, self.n_past, self.seq,
                                                     self.llm.n_batch, False, ctypes.byref(new_n_past))
         if self.cancel.is_set():
             self.truncate(len(self.cache))
@@ -263,11 +287,7 @@ class KVSession:
         if status == 0:
             return
         self.truncate(len(self.cache))  # drop whatever part of the batch did land
-        if status == 2 or self.cancel.is_set():
-            raise Cancelled()
-        if status == 1:
-            raise ContextFullError(f"no room left in the {self.n_ctx}-token context; call reset() or use a larger n_ctx")
-        raise ModelFilesError(f"llama_decode failed with status {status} ({llama_log.recent()})")
+        raise decode_error(status, self.cancel.is_set(), self.n_ctx)
 
     def encode_image(self, image: PreparedImage) -> np.ndarray:
         """The image's projected tokens (n_tokens x n_embd, float32); the cache is untouched."""
@@ -288,10 +308,11 @@ class KVSession:
             mtmd.mtmd_input_chunks_free(chunks)
         raise ModelFilesError("mtmd produced no image chunk for the image")
 
-    def last_logprobs(self) -> np.ndarray:
-        """Log-probabilities (float64) of the token after the last evaluated position."""
+    def last_logprobs(self, index: int = -1) -> np.ndarray:
+        """Log-probabilities (float64) of the token after the last evaluated position (``index``: its
+        row in the last batch, when several sequences were decoded together)."""
         n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, index), shape=(n_vocab,))
         shifted = logits.astype(np.float64) - logits.max()
         return shifted - np.log(np.exp(shifted).sum())
 
@@ -303,6 +324,33 @@ class KVSession:
     def special_text(self, token: int) -> str:
         """A control token's own text (<|im_end|>), as templates expect for eos_token / bos_token."""
         return self.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+
+def decode_error(status: int, cancelled: bool, n_ctx: int) -> Exception:
+    """What a failed llama_decode means, as the exception to raise."""
+    if status == 2 or cancelled:
+        return Cancelled()
+    if status == 1:
+        return ContextFullError(f"no room left in the {n_ctx}-token context; call reset() or use a larger n_ctx")
+    return ModelFilesError(f"llama_decode failed with status {status} ({llama_log.recent()})")
+
+
+class TokenBatch:
+    """A llama_batch of up to ``size`` tokens, each with its position, sequence and whether its
+    logits are wanted; allocated once, freed with its owner."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.batch = llama_cpp.llama_batch_init(size, 0, 1)
+        weakref.finalize(self, llama_cpp.llama_batch_free, self.batch)
+
+    def fill(self, rows: list[tuple[int, int, int, bool]]) -> None:
+        """(token, position, sequence, logits) per row."""
+        b = self.batch
+        for i, (token, pos, seq, logits) in enumerate(rows):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(rows)
 
 
 def partition(text: str, protected: tuple, controls: list[tuple[str, int]]) -> list:

@@ -227,6 +227,23 @@ def detect_vram() -> int | None:
         return None
 
 
+AUTO_PARALLEL = (4, 2, 1)  # 4: where the gain levels off on 2 cores (docs/performance.md, bench/batched.py)
+KV_SHARE_OF_RAM = 0.25  # the most of free RAM that auto may give to the KV caches of the extra sequences
+
+
+def auto_parallel(plan_for: Callable[[int], OffloadPlan], available_ram: int | None) -> int:
+    """How many sequences ``parallel="auto"`` holds: the most of AUTO_PARALLEL whose KV caches cost
+    no GPU layer (on a card the weights come first) and keep the host's share of the cache within
+    a quarter of free RAM."""
+    one = plan_for(1)
+    for n in AUTO_PARALLEL[:-1]:
+        p = plan_for(n)
+        on_host = p.kv_cache_total_bytes - p.kv_cache_bytes
+        if p.n_gpu_layers >= one.n_gpu_layers and (available_ram is None or on_host <= KV_SHARE_OF_RAM * available_ram):
+            return n
+    return 1
+
+
 def plan_offload(model: Path, mmproj: Path | None, vram=None, n_ctx: int = 8192, *, headers=None,
                  cache: CacheTypes = CacheTypes()) -> OffloadPlan:
     """What n_gpu_layers='auto' uses: the real files (or their already checked ``headers``, a

@@ -20,9 +20,9 @@ from typing import Callable
 from ..errors import AcestepGGUFError, ModelFilesError, OptionError
 from .kv_cache_types import CacheTypes
 from ..files import read_bytes
-from .caption import Appender, caption_one, pending
+from .caption import Appender, caption_records, pending
 
-IN_FLIGHT_PER_WORKER = 2  # one running, one queued: workers never wait, the driver holds little
+IN_FLIGHT_PER_WORKER = 2  # tasks (of --parallel images each): one running, one queued, so workers never wait
 
 
 def manifest_sha256(folder: Path) -> str:
@@ -33,20 +33,24 @@ class Captioner:
     """A Ray actor: one model, loaded once, checked against the driver's manifest first."""
 
     def __init__(self, folder: str, expected_sha256: str, quant: str | None, n_ctx: int, threads: int, gpu_layers,
-                 cache_types: tuple[str, str] = ("f16", "f16")):
+                 cache_types: tuple[str, str] = ("f16", "f16"), parallel: int = 1):
         from .chat import VisionChat
         found = manifest_sha256(Path(folder))
         if found != expected_sha256:
             raise ModelFilesError(f"{folder} on worker {os.uname().nodename} (pid {os.getpid()}) holds another model: "
                                   f"manifest.json sha256 {found[:12]}… but the driver expects {expected_sha256[:12]}…")
         self.chat = VisionChat.load(folder, quant=quant, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=gpu_layers,
-                                    cache_type_k=cache_types[0], cache_type_v=cache_types[1])
+                                    cache_type_k=cache_types[0], cache_type_v=cache_types[1], parallel=parallel)
 
     def pid(self) -> int:
         return os.getpid()
 
-    def caption(self, path: str, prompt: str, max_tokens: int) -> dict:
-        return caption_one(self.chat, path, prompt, max_tokens)
+    def parallel(self) -> int:
+        return self.chat.parallel
+
+    def caption(self, paths: list[str], prompt: str, max_tokens: int) -> list[dict]:
+        """The records of a few images, decoded together (the worker's --parallel)."""
+        return list(caption_records(self.chat, paths, prompt, max_tokens))
 
 
 def caption_with_ray(folder: Path, files: list[Path], prompt: str, out_file: Path, *, address: str | None = None,
@@ -54,7 +58,7 @@ def caption_with_ray(folder: Path, files: list[Path], prompt: str, out_file: Pat
                      n_ctx: int = 4096, max_tokens: int = 256, retry_failed: bool = False,
                      expected_sha256: str | None = None,
                      on_progress: Callable[[dict], None] = lambda progress: None, cache_type_k: str = "f16",
-                     cache_type_v: str = "f16") -> dict:
+                     cache_type_v: str = "f16", parallel: int | str = 1) -> dict:
     """Caption ``files`` on a Ray cluster (``address``: None for a local one started for the run, or
     what ray.init takes: "auto", "ray://host:10001", ...). Returns the summary."""
     try:
@@ -64,6 +68,8 @@ def caption_with_ray(folder: Path, files: list[Path], prompt: str, out_file: Pat
         raise OptionError("caption --ray needs Ray: pip install 'acestep-gguf[ray]'") from None
     if workers < 1 or cpus_per_worker < 1 or gpus_per_worker < 0:
         raise OptionError("--workers and --cpus-per-worker must be at least 1, --gpus-per-worker at least 0")
+    if parallel != "auto" and (type(parallel) is not int or parallel < 1):
+        raise OptionError(f"--parallel {parallel!r}: 'auto' or a whole number of at least 1")
     CacheTypes.parse(cache_type_k, cache_type_v)  # a bad type is one line here, not on every worker
     expected = expected_sha256 or manifest_sha256(folder)
     todo, skipped = pending(files, out_file, retry_failed)
@@ -87,38 +93,40 @@ def caption_with_ray(folder: Path, files: list[Path], prompt: str, out_file: Pat
                            max_task_retries=3)(Captioner)
         gpu_layers = "auto" if gpus_per_worker else 0
         pool = [actor.remote(str(Path(folder).resolve()), expected, quant, n_ctx, cpus_per_worker, gpu_layers,
-                             (cache_type_k, cache_type_v))
+                             (cache_type_k, cache_type_v), parallel)
                 for _ in range(workers)]
         try:  # every worker has the right model before a single image is captioned
             ray.get([a.pid.remote() for a in pool])
         except (RayActorError, RayTaskError) as e:
             raise ModelFilesError(_cause(e)) from None
+        chunk = max(ray.get([a.parallel.remote() for a in pool]))  # images per task: what a worker decodes at once
         queue, running = [str(p) for p in todo], {}
         attempts: dict[str, int] = {}
         while queue or running:
             for a in pool:
                 while queue and sum(1 for _, w in running.values() if w is a) < IN_FLIGHT_PER_WORKER:
-                    path = queue.pop(0)
-                    running[a.caption.remote(path, prompt, max_tokens)] = (path, a)
+                    paths, queue = queue[:chunk], queue[chunk:]
+                    running[a.caption.remote(paths, prompt, max_tokens)] = (paths, a)
             finished, _ = ray.wait(list(running), num_returns=1)
             ref = finished[0]
-            path, a = running.pop(ref)
+            paths, a = running.pop(ref)
             try:
-                record = ray.get(ref)
-            except (RayActorError, RayTaskError) as e:  # the worker died for good: another one takes the image
-                attempts[path] = attempts.get(path, 0) + 1
-                if attempts[path] > 3 or len(pool) == 1:
-                    raise AcestepGGUFError(f"{path}: no worker could caption it ({_cause(e)})") from None
+                records = ray.get(ref)
+            except (RayActorError, RayTaskError) as e:  # the worker died for good: another one takes the images
+                attempts[paths[0]] = attempts.get(paths[0], 0) + 1
+                if attempts[paths[0]] > 3 or len(pool) == 1:
+                    raise AcestepGGUFError(f"{paths[0]}: no worker could caption it ({_cause(e)})") from None
                 pool = [w for w in pool if w is not a] or pool
-                queue.insert(0, path)
+                queue[:0] = paths
                 continue
-            summary["failed" if "error" in record else "captioned"] += 1
-            sink.write(record)
-            done = summary["captioned"] + summary["failed"]
-            elapsed = time.perf_counter() - began
-            on_progress({"done": done, "to_do": len(todo), "failed": summary["failed"], "record": record,
-                         "images_per_s": done / elapsed if elapsed else 0.0,
-                         "eta_s": (len(todo) - done) * elapsed / done if done else None})
+            for record in records:
+                summary["failed" if "error" in record else "captioned"] += 1
+                sink.write(record)
+                done = summary["captioned"] + summary["failed"]
+                elapsed = time.perf_counter() - began
+                on_progress({"done": done, "to_do": len(todo), "failed": summary["failed"], "record": record,
+                             "images_per_s": done / elapsed if elapsed else 0.0,
+                             "eta_s": (len(todo) - done) * elapsed / done if done else None})
     finally:
         sink.close()
         summary["seconds"] = round(time.perf_counter() - began, 2)

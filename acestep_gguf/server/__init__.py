@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import OptionError
 from ..runtime.kv_cache_types import CacheTypes
+from ..runtime.offload import AUTO_PARALLEL
 
 DEFAULT_PORT = 8080
 
@@ -43,10 +44,12 @@ def serve(folder: Path | None, *, quant: str | None = None, host: str = "127.0.0
           vram=None, cache_dir: Path | None = None, cache_size: int = 4 << 30, max_image_bytes: int = 16 << 20,
           cors_origins: list[str] | None = None, allowed_hosts: list[str] | None = None, body_timeout_s: float = 30.0,
           models: Path | None = None, max_loaded: int = 1, keep_alive: str = "5m", max_memory: int | None = None,
-          cache_type_k: str = "f16", cache_type_v: str = "f16", verbose: bool = False) -> None:
+          cache_type_k: str = "f16", cache_type_v: str = "f16", parallel: int | str = "auto",
+          verbose: bool = False) -> None:
     """Serve one model (``folder``: a converted folder or a store name) or, with ``folder`` None, every
     model of the store (``models``, default the user's) until SIGINT / SIGTERM: then running streams
-    end with their final chunk, the conversation states are saved, and it returns (exit code 0)."""
+    end with their final chunk, the conversation states are saved, and it returns (exit code 0).
+    ``parallel``: slots, the requests a model answers at once (decoded together)."""
     import uvicorn
 
     from ..model_store import ModelStore
@@ -81,18 +84,21 @@ def serve(folder: Path | None, *, quant: str | None = None, host: str = "127.0.0
 
     def load(model_folder: Path, model_quant: str | None):
         return load_engine(model_folder, model_quant, n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers,
-                           vram=vram, cache_dir=cache_dir, cache_size=cache_size, cache=cache, verbose=verbose)
+                           vram=vram, cache_dir=cache_dir, cache_size=cache_size, cache=cache, parallel=parallel,
+                           verbose=verbose)
+
+    slots_bound = parallel if isinstance(parallel, int) else AUTO_PARALLEL[0]  # what a model may take before it loads
 
     if folder is not None:
         folder, quant = store_reference(folder, quant)
         engine = load(folder, quant)  # at start: a broken model is one line now, not on the first request
         pool = ModelPool(load, fixed=(engine.name, folder, engine.chat.quant))
-        pool.pin(engine, model_memory(folder, engine.chat.quant, n_ctx, cache))
+        pool.pin(engine, model_memory(folder, engine.chat.quant, n_ctx * engine.chat.parallel, cache))
     else:
         store = ModelStore(models)
         pool = ModelPool(load, store=store, max_loaded=max_loaded, keep_alive=default_keep,
                          max_bytes=max_memory or memory_budget(),
-                         memory_of=lambda f, q: model_memory(f, q, n_ctx, cache))
+                         memory_of=lambda f, q: model_memory(f, q, n_ctx * slots_bound, cache))
     settings = Settings(host=host, api_key=api_key, cors_origins=cors_origins or [], allowed_hosts=allowed_hosts or [],
                         max_image_bytes=max_image_bytes, body_timeout_s=body_timeout_s)
     config = uvicorn.Config(create_app(pool, settings), host=host, port=port, http=GuardedH11,
@@ -102,7 +108,7 @@ def serve(folder: Path | None, *, quant: str | None = None, host: str = "127.0.0
 
 
 def load_engine(folder: Path, quant: str | None, *, n_ctx: int, n_threads: int, n_gpu_layers, vram,
-                cache_dir: Path | None, cache_size: int, cache: CacheTypes, verbose: bool):
+                cache_dir: Path | None, cache_size: int, cache: CacheTypes, verbose: bool, parallel: int | str = 1):
     """One model ready to serve: the loaded VisionChat, its saved-state store (a subfolder per model
     identity — its files, the context and the KV cache types — under ``cache_dir``) and the facts the
     APIs report about it."""
@@ -111,7 +117,7 @@ def load_engine(folder: Path, quant: str | None, *, n_ctx: int, n_threads: int, 
     from .engine import Engine
     from .store import StateLimits, StateStore
     chat = VisionChat.load(folder, quant=quant, n_ctx=n_ctx, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
-                           vram=vram, cache_type_k=cache.k, cache_type_v=cache.v, verbose=verbose)
+                           vram=vram, cache_type_k=cache.k, cache_type_v=cache.v, parallel=parallel, verbose=verbose)
     manifest = Manifest.read(folder)
     used = [f for f in manifest.files if f.file in (chat.files.model.name, chat.files.mmproj.name)]
     # another cache type is another state format: a state of one is a cache miss for the other, never loaded

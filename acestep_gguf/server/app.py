@@ -122,7 +122,8 @@ def context_message(e: ContextFullError, n_ctx: int) -> str:
 def engine_stats(engine: Engine) -> dict:
     store = engine.store
     return {"requests": engine.requests, "waiting": engine.waiting, "dropped": engine.dropped,
-            "images_encoded": engine.chat.images_encoded_total,
+            "images_encoded": engine.chat.images_encoded_total, "slots": len(engine.slots),
+            "slots_busy": engine.busy, "decode_steps": engine.counters.steps, "decoded_tokens": engine.counters.rows,
             "state_cache": {"entries": len(store.entries), "bytes": store.n_bytes, "hits": store.hits,
                             "misses": store.misses, "dropped": store.dropped}}
 
@@ -180,7 +181,8 @@ def create_app(pool: ModelPool, settings: Settings) -> Starlette:
 
     async def stats(request: Request):
         per = {e.id: engine_stats(e.engine) for e in pool.loaded()}
-        total = {k: sum(v[k] for v in per.values()) for k in ("requests", "waiting", "dropped", "images_encoded")}
+        total = {k: sum(v[k] for v in per.values()) for k in ("requests", "waiting", "dropped", "images_encoded",
+                                                             "slots", "slots_busy", "decode_steps", "decoded_tokens")}
         cache = {k: sum(v["state_cache"][k] for v in per.values()) for k in ("entries", "bytes", "hits", "misses",
                                                                              "dropped")}
         return JSONResponse({**total, "state_cache": cache, "models": per})
@@ -292,7 +294,8 @@ def create_app(pool: ModelPool, settings: Settings) -> Starlette:
         now, wall = time.monotonic(), time.time()
         return JSONResponse({"models": [ollama_api.running(
             ollama_id((e.id, e.name)), e.bytes, model_facts((e.id, e.name, e.folder, e.quant))[1], e.engine.details,
-            e.engine.n_ctx, e.engine.chat.n_gpu_layers > 0, None if e.expires == FOREVER else wall + e.expires - now)
+            e.engine.n_ctx, e.engine.chat.n_gpu_layers > 0, None if e.expires == FOREVER else wall + e.expires - now,
+            (len(e.engine.slots), e.engine.busy))
             for e in pool.loaded()]})
 
     async def api_show(request: Request):

@@ -1,24 +1,32 @@
-"""One loaded model behind the HTTP APIs: requests run one at a time in arrival order (asyncio's
-lock wakes waiters first come, first served); the generation itself runs in a worker thread and its
-pieces are handed to the event loop. A client that goes away cancels its own generation (never
-another's: one still waiting for its turn is just dropped); the model is handed to the next request
-only when the worker thread has really stopped, whatever happens to the request's task.
+"""One loaded model behind the HTTP APIs, answering up to ``parallel`` requests at once.
 
-Stateless clients resend the whole conversation every time. The VisionChat's KV cache already
-reuses whatever prefix it holds; the engine adds (1) other conversations' saved states, swapped in
-when one shares a longer prefix with the request than what the cache holds, and (2) the token ids of
-recent replies, so that a reply sent back as text is matched token for token."""
+The model's context holds ``parallel`` sequences, its slots (serve --parallel). One scheduler thread
+owns the VisionChat: it starts waiting requests on free slots in arrival order (FIFO), prefills
+each alone and then decodes every running request together, one token each per llama_decode
+(runtime/batch.py). Pieces are handed to the event loop as they come. A client that goes away
+cancels its own generation only (one still waiting for a slot is just dropped); server shutdown
+cancels them all, each stream getting its final chunk.
+
+Stateless clients resend the whole conversation every time. Each slot's KV cache reuses whatever
+prefix it holds, and a request goes to the free slot holding the longest prefix of it; the engine
+adds (1) saved states of other conversations (StateStore), restored into a slot when one shares a
+longer prefix with the request than any free slot holds, a slot's own conversation being saved
+before another replaces it, and (2) the token ids of recent replies, so that a reply sent back as
+text is matched token for token."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from ..runtime.chat import VisionChat
-from ..runtime.generation import TurnStats
+from ..errors import AcestepGGUFError, OptionError
+from ..runtime.batch import BatchCounters, Batcher, Job
+from ..runtime.chat import ChatState, VisionChat
+from ..runtime.generation import SamplingOptions, TurnStats
 from .store import StateStore, common, message_keys
 
 log = logging.getLogger("acestep_gguf.server")
@@ -32,35 +40,53 @@ class Result:
     text: str = ""
     stats: TurnStats = field(default_factory=TurnStats)
     abandoned: threading.Event = field(default_factory=threading.Event)
-    running_on: VisionChat | None = None  # set on the event loop while this request's turn runs
+    withdraw: object = None  # set by the engine while the request waits for a slot
 
     def abandon(self) -> None:
-        """The client went away: stop this request's generation, or never start it. Event loop only."""
+        """The client went away: stop this request's generation, or leave the line at once."""
         self.abandoned.set()
-        if self.running_on is not None:
-            self.running_on.cancel()
+        if self.withdraw is not None:
+            self.withdraw()
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """A request between the event loop and the scheduler thread."""
+
+    messages: list[dict]
+    sampling: dict
+    result: Result
+    post: object  # post(kind, value): hands an item to the request's coroutine, thread-safe
+    keys: tuple = ()
+
+
+@dataclass
+class _Slot:
+    """What one sequence of the context holds: the conversation's message keys and messages."""
+
+    keys: tuple = ()
+    messages: list = field(default_factory=list)
 
 
 class Engine:
     def __init__(self, chat: VisionChat, store: StateStore, name: str):
         self.chat, self.store, self.name = chat, store, name
-        self.current_keys: tuple = ()
         self.replies: OrderedDict[str, list[int]] = OrderedDict()
-        self._lock: asyncio.Lock | None = None
+        self.slots = [_Slot() for _ in range(chat.parallel)]
         self.requests = 0  # served (a turn was started for them)
-        self.waiting = 0  # waiting for the model now
+        self.waiting = 0  # waiting for a slot now
         self.dropped = 0  # given up by their clients before their turn came
-        self.stopping = False  # the server is shutting down: no new turns, the running one cancelled
+        self.busy = 0  # slots generating now (/stats slots_busy)
+        self.counters = BatchCounters()  # decoding steps and the tokens they decoded (/stats)
+        self.stopping = False  # the server is shutting down: no new turns, the running ones cancelled
+        self._queue: collections.deque[_Ticket] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
 
-    @property
-    def lock(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
-
-    # -- in the worker thread ---------------------------------------------------------------------
+    # -- on the event loop ------------------------------------------------------------------------
     def prepare(self, messages: list[dict], max_decoded_bytes: int | None = None) -> list[dict]:
-        """Decode and check every image now (errors before any response is started)."""
+        """Decode and check every image now (errors before any response is started). Worker thread."""
         out = []
         for m in messages:
             content = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
@@ -69,122 +95,213 @@ class Engine:
             out.append({"role": m["role"], "content": parts})
         return out
 
-    def _run(self, messages: list[dict], sampling: dict, emit, result: Result) -> None:
-        keys = message_keys(messages)
+    async def generate(self, messages: list[dict], sampling: dict, result: Result):
+        """Yield the reply's pieces. The request waits in line for a slot; leaving (the task
+        cancelled, the generator closed) gives the slot up at the scheduler's next step."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def post(kind, value=None) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
+            except RuntimeError:  # the loop has closed: the server is stopping, nobody waits
+                pass
+
+        self._start_thread()
+        ticket = _Ticket(messages, sampling, result, post)
+        result.withdraw = lambda: self._withdraw(ticket)
+        with self._wake:
+            self.waiting += 1
+            self._queue.append(ticket)
+            self._wake.notify()
+        finished = False
+        try:
+            while True:
+                kind, value = await queue.get()
+                if kind == "piece":
+                    yield value
+                elif kind == "error":
+                    finished = True
+                    raise value
+                else:
+                    finished = True
+                    break
+        finally:
+            if not finished:  # the client went away (or the server stops): stop generating
+                result.abandon()
+
+    def shutdown(self) -> None:
+        """The server is stopping (SIGTERM / SIGINT): running turns are cancelled, so their streams
+        end with a proper final chunk, and waiting requests end at once. Safe from a signal handler."""
+        self.stopping = True
+        self.chat.cancel()
+        self._notify()
+
+    def close(self) -> None:
+        """Stop the scheduler, keep the conversations the slots hold for the next start, free the model."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if self._thread is not None:
+            self.chat.cancel()
+            self._thread.join()
+        try:
+            for slot, held in enumerate(self.slots):
+                if held.keys:
+                    self.store.put(held.keys, ChatState(held.messages, self._batcher.slots[slot].snapshot()))
+        finally:
+            self.chat.close()
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _withdraw(self, ticket: _Ticket) -> None:
+        """A waiting request's client went away: out of the line now, counted as dropped."""
+        with self._wake:
+            if ticket not in self._queue:
+                return
+            self._queue.remove(ticket)
+            self.waiting -= 1
+            self.dropped += 1
+        ticket.post("done")
+
+    def _start_thread(self) -> None:
+        if self._thread is None:
+            self.chat._acquire()  # the scheduler thread owns the session from now on
+            self._batcher = Batcher(self.chat)
+            self._batcher.counters = self.counters
+            self._thread = threading.Thread(target=self._schedule, name="acestep-slots", daemon=True)
+            self._thread.start()
+
+    # -- in the scheduler thread ------------------------------------------------------------------
+    def _schedule(self) -> None:
+        batcher = self._batcher
+        running: dict[int, _Ticket] = {}
+        while True:
+            with self._wake:
+                while not self._closing and not running and not self._queue:
+                    self._wake.wait()
+                if self._closing:
+                    break
+                starting = []
+                while self._queue and len(running) + len(starting) < len(self.slots):
+                    ticket = self._queue.popleft()
+                    self.waiting -= 1
+                    starting.append(ticket)
+            for ticket in starting:
+                ticket.result.withdraw = None
+                self._begin(batcher, ticket, running)
+                self.busy = len(running)
+            if running:  # a client that left (its job's cancel event) leaves at this step, the others go on
+                try:
+                    ended = batcher.step()
+                except BaseException as e:  # a defect: the running requests fail, the server goes on
+                    log.exception("a decoding step failed")
+                    for job in batcher.cancel_all():
+                        running.pop(job.slot).post("error", e)
+                    ended = []
+                for job in ended:
+                    self._complete(job, running.pop(job.slot))
+            self.busy = len(running)
+        for job in batcher.cancel_all():
+            self._complete(job, running.pop(job.slot))
+        with self._wake:
+            left, self._queue = list(self._queue), collections.deque()
+        for ticket in left:
+            ticket.result.stats.finish_reason = "cancelled"
+            ticket.post("done")
+        self.chat._release()
+
+    def _begin(self, batcher: Batcher, ticket: _Ticket, running: dict) -> None:
+        """Start one request on a free slot (or end it at once: dropped, shutting down, an error)."""
+        result = ticket.result
+        if result.abandoned.is_set():
+            self.dropped += 1
+            ticket.post("done")
+            return
+        if self.stopping:  # its turn came during shutdown: it ends now, answered, without generating
+            result.stats.finish_reason = "cancelled"
+            ticket.post("done")
+            return
+        self.requests += 1
+        try:
+            job = self._job(ticket)
+            slot = self._place(batcher, ticket.keys)
+        except AcestepGGUFError as e:
+            ticket.post("error", e)
+            return
+        except BaseException as e:  # a defect: this request fails, the server goes on
+            log.exception("request %d failed", self.requests)
+            ticket.post("error", e)
+            return
+        if batcher.start(job, slot):
+            running[slot] = ticket
+        else:
+            self._complete(job, ticket)
+
+    def _job(self, ticket: _Ticket) -> Job:
+        messages = ticket.messages
         for m in messages:  # a reply we generated comes back as text: give it back its token ids
             if m["role"] == "assistant":
                 text = "".join(p.get("text", "") for p in m["content"])
                 if text in self.replies:
                     m["tokens"] = self.replies[text]
-        held = common(self.current_keys, keys)
-        if self.current_keys and held < len(self.current_keys):
-            # this request does not continue the conversation the cache holds: keep that one first
-            self.store.put(self.current_keys, self.chat.save_state())
-        found = self.store.best(keys, better_than=held)
+        ticket.keys = message_keys(messages)
+        converted = [self.chat._message(m, i) for i, m in enumerate(messages)]
+        if not converted or converted[-1]["role"] != "user":
+            raise OptionError("the conversation must end with a user message")
+        options = SamplingOptions.from_kwargs(self.chat._seed, **ticket.sampling)
+        result = ticket.result
+
+        def on_piece(piece: str) -> None:
+            result.text += piece
+            ticket.post("piece", piece)
+
+        return Job(converted, options, on_piece, cancel=result.abandoned, tag=ticket)
+
+    def _place(self, batcher: Batcher, keys: tuple) -> int:
+        """The free slot for a conversation: the one holding its longest prefix, or a saved state
+        restored into one (its own conversation saved first) when the store has a longer one."""
+        free = batcher.free
+        held = {s: common(self.slots[s].keys, keys) for s in free}
+        slot = max(free, key=lambda s: (held[s], not self.slots[s].keys))  # ties: an empty slot
+        found = self.store.best(keys, better_than=held[slot])
+        if found is not None:  # into the slot whose conversation is worth least here, an empty one first
+            slot = min(free, key=lambda s: (held[s], bool(self.slots[s].keys)))
+        current = self.slots[slot]
+        if current.keys and common(current.keys, keys) < len(current.keys):
+            # this request does not continue the conversation the slot holds: keep that one first
+            self.store.put(current.keys, ChatState(current.messages, batcher.slots[slot].snapshot()))
         if found is not None:
-            if self.chat.restore_state(found[1]):
-                log.info("restored a saved conversation state (%d cached positions)", found[1].kv.n_past)
+            if batcher.slots[slot].restore(found[1].kv):
+                log.info("restored a saved conversation state into slot %d (%d cached positions)", slot,
+                         found[1].kv.n_past)
             else:  # llama.cpp refused it: never offered again
                 log.warning("llama.cpp refused a saved conversation state; dropped it")
                 self.store.drop(found[0])
-        self.current_keys = ()  # until this turn ends well, the cache holds no known conversation
-        pieces = self.chat.stream_messages(messages, **sampling)
-        if result.abandoned.is_set() or self.stopping:  # given up after the worker started, before the turn began
-            self.chat.cancel()
-        for piece in pieces:
-            result.text += piece
-            emit(piece)
-        result.stats = self.chat.last_turn
-        tokens = self.chat.last_reply_tokens
-        if tokens is not None:
-            self.replies[result.text] = tokens
+        self.slots[slot] = _Slot()  # until this turn ends well, the slot holds no known conversation
+        return slot
+
+    def _complete(self, job: Job, ticket: _Ticket) -> None:
+        result = ticket.result
+        result.stats = job.stats
+        if job.error is not None:
+            ticket.post("error", job.error)
+            return
+        if job.tokens is not None:
+            self.replies[result.text] = job.tokens
             self.replies.move_to_end(result.text)
             while len(self.replies) > MAX_REMEMBERED_REPLIES:
                 self.replies.popitem(last=False)
         reply = {"role": "assistant", "content": [{"type": "text", "text": result.text}]}
-        # a turn cancelled before its first token may have left the conversation as it was: unknown
+        # a turn cancelled before its first token may have left the slot's cache as it was: unknown
         kept = result.stats.finish_reason != "cancelled" or result.stats.completion_tokens > 0
-        self.current_keys = keys + message_keys([reply]) if kept else ()
+        if kept:
+            stored = {**reply, "tokens": list(job.tokens) if job.tokens is not None else None}
+            self.slots[job.slot] = _Slot(ticket.keys + message_keys([reply]), job.messages + [stored])
         t = result.stats
-        log.info("request %d: %d prompt positions, %d from the cache, %d images encoded, %d tokens (%s)",
-                 self.requests, t.prompt_positions, t.reused_positions, t.images_encoded, t.completion_tokens,
+        log.info("request on slot %d: %d prompt positions, %d from the cache, %d images encoded, %d tokens (%s)",
+                 job.slot, t.prompt_positions, t.reused_positions, t.images_encoded, t.completion_tokens,
                  t.finish_reason)
-
-    # -- on the event loop ------------------------------------------------------------------------
-    async def generate(self, messages: list[dict], sampling: dict, result: Result):
-        """Yield the reply's pieces. The model is this request's from its turn's first step until the
-        worker thread ends; the lock is released by the worker's last act, so a task cancelled in
-        any await (anyio cancels every await of a cancelled scope) cannot hand the model on early."""
-        self.waiting += 1
-        try:
-            await self.lock.acquire()
-        except asyncio.CancelledError:  # a streaming client that went away while waiting
-            self.dropped += 1
-            raise
-        finally:
-            self.waiting -= 1
-        worker = None
-        try:
-            if result.abandoned.is_set():
-                self.dropped += 1
-                return
-            if self.stopping:  # its turn came during shutdown: it ends now, answered, without generating
-                result.stats.finish_reason = "cancelled"
-                return
-            self.requests += 1
-            loop = asyncio.get_running_loop()
-            queue: asyncio.Queue = asyncio.Queue()
-
-            def post(*item) -> None:
-                try:
-                    loop.call_soon_threadsafe(*item)
-                except RuntimeError:  # the loop has closed: the server is stopping, nobody waits
-                    pass
-
-            def hand_on() -> None:
-                result.running_on = None
-                self.lock.release()
-
-            def work() -> None:
-                try:
-                    self._run(messages, sampling, lambda piece: post(queue.put_nowait, ("piece", piece)), result)
-                    post(queue.put_nowait, ("done", None))
-                except BaseException as e:  # handed to the event loop, raised there
-                    post(queue.put_nowait, ("error", e))
-                finally:
-                    post(hand_on)
-
-            result.running_on = self.chat
-            thread = threading.Thread(target=work, name="acestep-generate", daemon=True)
-            thread.start()
-            worker = thread
-            try:
-                while True:
-                    kind, value = await queue.get()
-                    if kind == "piece":
-                        yield value
-                    elif kind == "error":
-                        raise value
-                    else:
-                        break
-            finally:
-                if worker.is_alive():  # the client went away (or the server stops): stop generating
-                    result.abandon()
-        finally:
-            if worker is None:  # no turn was started: the model is free at once
-                result.running_on = None
-                self.lock.release()
-
-    def shutdown(self) -> None:
-        """The server is stopping (SIGTERM / SIGINT): the running turn is cancelled, so its stream
-        ends with a proper final chunk, and waiting requests end at once. Safe from a signal handler."""
-        self.stopping = True
-        self.chat.cancel()
-
-    def close(self) -> None:
-        """Keep the conversation the cache holds for the next start, then free the model."""
-        try:
-            if self.current_keys:
-                self.store.put(self.current_keys, self.chat.save_state())
-        finally:
-            self.chat.close()
+        ticket.post("done")

@@ -152,9 +152,11 @@ def tag(name: str, size: int, digest: str, details: dict) -> dict:
     return {"name": name, "model": name, "modified_at": now(), "size": size, "digest": digest, "details": details}
 
 
-def running(name: str, size: int, digest: str, details: dict, n_ctx: int, on_gpu: bool, expires: float | None) -> dict:
-    """An /api/ps entry; ``expires`` is a Unix time, None for never (a single-model server's model)."""
+def running(name: str, size: int, digest: str, details: dict, n_ctx: int, on_gpu: bool, expires: float | None,
+            slots: tuple[int, int] = (1, 0)) -> dict:
+    """An /api/ps entry; ``expires`` is a Unix time, None for never (a single-model server's model);
+    ``slots``: (conversations it decodes at once, how many are busy) — ours, Ollama has no such field."""
     when = "9999-12-31T23:59:59Z" if expires is None else \
         datetime.fromtimestamp(expires, timezone.utc).isoformat().replace("+00:00", "Z")
     return {"name": name, "model": name, "size": size, "digest": digest, "details": details, "expires_at": when,
-            "size_vram": size if on_gpu else 0, "context_length": n_ctx}
+            "size_vram": size if on_gpu else 0, "context_length": n_ctx, "slots": slots[0], "slots_busy": slots[1]}
