@@ -15,7 +15,9 @@ Lifecycle, for host applications that embed it:
   frees the llama.cpp contexts; every later call raises ModelFilesError. Contexts are also freed
   when ``load()`` fails half-way and, as a last resort, when the object is garbage-collected.
 - Ctrl-C in the main thread never lands inside a llama.cpp callback: during a call it cancels
-  the call, and KeyboardInterrupt is raised when the call has stopped (see interrupts.py)."""
+  the call, and KeyboardInterrupt is raised when the call has stopped (see interrupts.py).
+- ``batch()`` (a context loaded with ``parallel`` > 1 decodes that many at once, runtime/batch.py)
+  holds the session like a turn: from the call until its iterator ends or is closed."""
 
 from __future__ import annotations
 

@@ -42,9 +42,6 @@ class AbortFlag:
         extra = self.extra
         return self.base.is_set() or (extra is not None and extra.is_set())
 
-    def is_set(self) -> bool:
-        return self(None)
-
 
 @dataclass
 class Span:
@@ -308,11 +305,10 @@ class KVSession:
             mtmd.mtmd_input_chunks_free(chunks)
         raise ModelFilesError("mtmd produced no image chunk for the image")
 
-    def last_logprobs(self, index: int = -1) -> np.ndarray:
-        """Log-probabilities (float64) of the token after the last evaluated position (``index``: its
-        row in the last batch, when several sequences were decoded together)."""
+    def last_logprobs(self) -> np.ndarray:
+        """Log-probabilities (float64) of the token after the last evaluated position."""
         n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, index), shape=(n_vocab,))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(n_vocab,))
         shifted = logits.astype(np.float64) - logits.max()
         return shifted - np.log(np.exp(shifted).sum())
 
