@@ -291,3 +291,28 @@ def test_each_slot_keeps_its_own_sampling(endless, noise_image):
     assert alone[1].message.content.lstrip().startswith("{")  # the grammar held, next to the others
     assert alone[3].finish_reason == "length"
     assert stats["decoded_tokens"] > stats["decode_steps"]
+
+
+def test_more_conversations_than_slots_keep_their_caches_through_the_store(converted, noise_image, second_image):
+    """Three clients taking turns on two slots: the conversation whose slot is taken is saved and
+    restored into another, so every follow-up is served from a cache and no picture is encoded twice."""
+    s = Server(converted, "--parallel", "2")
+    try:
+        client = s.client()
+        talks = [[user(f"Describe {name}.", image)] for name, image in (("A", noise_image), ("B", second_image),
+                                                                         ("C", noise_image))]
+        cached, prompts = [], []
+        for turn in range(3):
+            for messages in talks:
+                reply = client.chat.completions.create(model="tiny-llava", messages=messages, max_tokens=3)
+                cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+                prompts.append(reply.usage.prompt_tokens)
+                messages += [{"role": "assistant", "content": reply.choices[0].message.content},
+                             {"role": "user", "content": f"And {turn}?"}]
+        stats = s.stats()
+    finally:
+        s.stop()
+    # from the second turn on, each request finds at least its previous prompt in some cache
+    assert all(c >= p for c, p in zip(cached[3:], prompts))
+    assert stats["images_encoded"] <= 3  # each conversation's picture once at most, never again on a follow-up
+    assert stats["state_cache"]["hits"] >= 3 and stats["slots"] == 2

@@ -10,6 +10,20 @@ from .fields import Fields
 
 FAMILIES: list[Family] = [llava_qwen2.FAMILY, llava_llama.FAMILY]
 
+# The card's peers that are not (yet) converted, and why: said in one line instead of "not supported".
+OUT_OF_REACH = {
+    "Idefics2ForConditionalGeneration": "IDEFICS-2 is not llava-style: a SigLIP tower feeds a perceiver resampler "
+                                        "(64 learned queries per picture) that llama.cpp has no graph for, so no "
+                                        "mmproj of it can run",
+    "LlavaNextForConditionalGeneration": "LLaVA-NeXT (LLaVA-1.6) tiles pictures by image_grid_pinpoints and unpads "
+                                         "the tiles' features with an image_newline per row; that packing is not "
+                                         "implemented here yet (llama.cpp's own runtime only approximates it)",
+}
+OUT_OF_REACH_VISION = {
+    "pixtral": "Pixtral's vision tower (2D RoPE, RMSNorm, native resolution, [IMG_BREAK]/[IMG_END]) is not "
+               "implemented here yet",
+}
+
 
 def register(family: Family) -> None:
     """Make a family known to the converter, runtime and planner."""
@@ -23,6 +37,12 @@ def detect(config: dict, config_path: str = "config.json") -> Family:
         if family.matches(config):
             return family
     architectures = config.get("architectures") or []
+    reasons = [OUT_OF_REACH[a] for a in architectures if isinstance(a, str) and a in OUT_OF_REACH]
+    vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
+    if vision.get("model_type") in OUT_OF_REACH_VISION:
+        reasons.append(OUT_OF_REACH_VISION[vision["model_type"]])
+    if reasons:
+        raise UnsupportedArchitectureError(f"{config_path}: {architectures[0]} cannot be converted: {reasons[0]}")
     if any(a in f.architectures for f in FAMILIES for a in architectures):
         top = Fields(config, "config.json")  # a text_config that is no object is named as such
         model_type = top.section("text_config").data.get("model_type")

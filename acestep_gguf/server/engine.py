@@ -27,6 +27,7 @@ from ..errors import AcestepGGUFError, OptionError
 from ..runtime.batch import BatchCounters, Batcher, Job
 from ..runtime.chat import ChatState, VisionChat
 from ..runtime.generation import SamplingOptions, TurnStats
+from ..system import release_free_memory
 from .store import StateStore, common, message_keys
 
 log = logging.getLogger("acestep_gguf.server")
@@ -66,6 +67,7 @@ class _Slot:
 
     keys: tuple = ()
     messages: list = field(default_factory=list)
+    used: int = 0  # when it last finished a turn (the engine's request count): ties go to the oldest
 
 
 class Engine:
@@ -93,6 +95,8 @@ class Engine:
             parts = [{"type": "image", "image": self.chat.prepare_image(p["image"], max_decoded_bytes)}
                      if p["type"] == "image" else p for p in content]
             out.append({"role": m["role"], "content": parts})
+        if any(p["type"] == "image" for m in out for p in m["content"]):
+            release_free_memory()  # the decoded pixels are gone; give their pages back
         return out
 
     async def generate(self, messages: list[dict], sampling: dict, result: Result):
@@ -265,10 +269,11 @@ class Engine:
         restored into one (its own conversation saved first) when the store has a longer one."""
         free = batcher.free
         held = {s: common(self.slots[s].keys, keys) for s in free}
-        slot = max(free, key=lambda s: (held[s], not self.slots[s].keys))  # ties: an empty slot
+        # ties: an empty slot, else the one used longest ago (its conversation is the likeliest to be over)
+        slot = max(free, key=lambda s: (held[s], not self.slots[s].keys, -self.slots[s].used))
         found = self.store.best(keys, better_than=held[slot])
-        if found is not None:  # into the slot whose conversation is worth least here, an empty one first
-            slot = min(free, key=lambda s: (held[s], bool(self.slots[s].keys)))
+        if found is not None:  # into the slot whose conversation is worth least here, by the same ties
+            slot = min(free, key=lambda s: (held[s], bool(self.slots[s].keys), self.slots[s].used))
         current = self.slots[slot]
         if current.keys and common(current.keys, keys) < len(current.keys):
             # this request does not continue the conversation the slot holds: keep that one first
@@ -299,7 +304,7 @@ class Engine:
         kept = result.stats.finish_reason != "cancelled" or result.stats.completion_tokens > 0
         if kept:
             stored = {**reply, "tokens": list(job.tokens) if job.tokens is not None else None}
-            self.slots[job.slot] = _Slot(ticket.keys + message_keys([reply]), job.messages + [stored])
+            self.slots[job.slot] = _Slot(ticket.keys + message_keys([reply]), job.messages + [stored], self.requests)
         t = result.stats
         log.info("request on slot %d: %d prompt positions, %d from the cache, %d images encoded, %d tokens (%s)",
                  job.slot, t.prompt_positions, t.reused_positions, t.images_encoded, t.completion_tokens,
