@@ -11,6 +11,7 @@ checks that its model folder's manifest.json has the driver's sha256."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import time
@@ -100,12 +101,12 @@ def caption_with_ray(folder: Path, files: list[Path], prompt: str, out_file: Pat
         except (RayActorError, RayTaskError) as e:
             raise ModelFilesError(_cause(e)) from None
         chunk = max(ray.get([a.parallel.remote() for a in pool]))  # images per task: what a worker decodes at once
-        queue, running = [str(p) for p in todo], {}
+        queue, running = collections.deque(str(p) for p in todo), {}
         attempts: dict[str, int] = {}
         while queue or running:
             for a in pool:
                 while queue and sum(1 for _, w in running.values() if w is a) < IN_FLIGHT_PER_WORKER:
-                    paths, queue = queue[:chunk], queue[chunk:]
+                    paths = [queue.popleft() for _ in range(min(chunk, len(queue)))]
                     running[a.caption.remote(paths, prompt, max_tokens)] = (paths, a)
             finished, _ = ray.wait(list(running), num_returns=1)
             ref = finished[0]
@@ -117,7 +118,7 @@ def caption_with_ray(folder: Path, files: list[Path], prompt: str, out_file: Pat
                 if attempts[paths[0]] > 3 or len(pool) == 1:
                     raise AcestepGGUFError(f"{paths[0]}: no worker could caption it ({_cause(e)})") from None
                 pool = [w for w in pool if w is not a] or pool
-                queue[:0] = paths
+                queue.extendleft(reversed(paths))
                 continue
             for record in records:
                 summary["failed" if "error" in record else "captioned"] += 1
