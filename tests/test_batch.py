@@ -16,9 +16,8 @@ import time
 import pytest
 from test_server import Server, user
 
-from acestep_gguf import VisionChat, convert
+from acestep_gguf import BatchRequest, VisionChat, convert
 from acestep_gguf.demo import DEMO_CHECKPOINT, demo_question
-from acestep_gguf.runtime.batch import BatchRequest
 
 
 @pytest.fixture(scope="module")
