@@ -21,6 +21,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import AcestepGGUFError, OptionError
+from .models.fields import MAX_PARALLEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Convert llava-style (Qwen2, Llama or Mistral + CLIP + MLP) checkpoints to GGUF and chat about images offline.")
@@ -59,30 +60,29 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def parallel_option(value: str) -> str | int:
-    """--parallel: 'auto' or a whole number of sequences from 1 to 64."""
+def _auto_or_count(value: str, flag: str, what: str, low: int, high: int | None = None, hint: str = "") -> str | int:
+    """An option that is 'auto' or a whole number from ``low`` (to ``high``) of ``what``."""
     if value.strip().lower() == "auto":
         return "auto"
     try:
         n = int(value)
     except ValueError:
-        raise OptionError(f"--parallel {value!r}: use 'auto' or a whole number of conversations") from None
-    if not 1 <= n <= 64:
-        raise OptionError(f"--parallel {value}: from 1 to 64 conversations at once")
+        raise OptionError(f"{flag} {value!r}: use 'auto' or a whole number of {what}{hint}") from None
+    if n < low:
+        raise OptionError(f"{flag} {value}: the number of {what} cannot be " + ("negative" if low == 0 else f"below {low}"))
+    if high is not None and n > high:
+        raise OptionError(f"{flag} {value}: at most {high} {what}")
     return n
+
+
+def parallel_option(value: str) -> str | int:
+    """--parallel: 'auto' or a number of conversations decoded together."""
+    return _auto_or_count(value, "--parallel", "conversations", 1, MAX_PARALLEL)
 
 
 def gpu_layers_option(value: str) -> str | int:
     """--gpu-layers: 'auto' or a whole number of at least 0."""
-    if value.strip().lower() == "auto":
-        return "auto"
-    try:
-        n = int(value)
-    except ValueError:
-        raise OptionError(f"--gpu-layers {value!r}: use 'auto' or a whole number of layers (0 = CPU only)") from None
-    if n < 0:
-        raise OptionError(f"--gpu-layers {value}: the number of layers cannot be negative")
-    return n
+    return _auto_or_count(value, "--gpu-layers", "layers", 0, hint=" (0 = CPU only)")
 
 
 def default_model_folder(quant: str | None = None) -> Path:
@@ -569,7 +569,7 @@ def plan(
     mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type for --preset: F16 or Q8_0."),
     vram: str = typer.Option("12GiB", "--vram", help="GPU memory budget with a unit: 12GiB, 11.5GB, 800MiB."),
     ctx: int = typer.Option(8192, "--ctx", min=1, help="Context length in tokens."),
-    parallel: int = typer.Option(1, "--parallel", min=1, max=64, help="Conversations decoded together (caption and "
+    parallel: int = typer.Option(1, "--parallel", min=1, max=MAX_PARALLEL, help="Conversations decoded together (caption and "
                                  "serve --parallel), each with its own --ctx of KV cache."),
     cache_type_k: str = CACHE_K_OPTION,
     cache_type_v: str = CACHE_V_OPTION,

@@ -115,19 +115,34 @@ def test_caption_parallel_4_writes_the_file_of_parallel_1(demo, questions, tmp_p
         [str(p) for p in sorted(folder.iterdir())]
 
 
-def test_a_killed_parallel_caption_run_resumes_exactly_once(endless, tmp_path, noise_image, second_image):
+def rotated_pictures(folder, n: int, degrees: int, noise_image, second_image) -> list:
+    """``n`` distinct pictures (the two fixtures, turned by ``degrees`` more each time) in ``folder``."""
     from PIL import Image
-    folder = tmp_path / "pics"
-    folder.mkdir()
-    for i in range(24):
-        Image.open(noise_image if i % 2 else second_image).rotate(15 * i).save(folder / f"p{i:02d}.png")
-    out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "acestep_gguf", "caption", str(folder), "-m", str(endless), "--out", str(out),
-           "--max-tokens", "60", "--parallel", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    folder.mkdir(exist_ok=True)
+    paths = [folder / f"p{i:02d}.png" for i in range(n)]
+    for i, path in enumerate(paths):
+        Image.open(noise_image if i % 2 else second_image).rotate(degrees * i).save(path)
+    return paths
+
+
+def parallel_caption(folder, model, out, max_tokens: int) -> list[str]:
+    return [sys.executable, "-m", "acestep_gguf", "caption", str(folder), "-m", str(model), "--out", str(out),
+            "--max-tokens", str(max_tokens), "--parallel", "4"]
+
+
+def wait_for_lines(out, n: int) -> None:
     deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 5):
+    while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < n):
         time.sleep(0.02)
+
+
+def test_a_killed_parallel_caption_run_resumes_exactly_once(endless, tmp_path, noise_image, second_image):
+    folder = tmp_path / "pics"
+    rotated_pictures(folder, 24, 15, noise_image, second_image)
+    out = tmp_path / "out.jsonl"
+    cmd = parallel_caption(folder, endless, out, 60)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_lines(out, 5)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     partial = len(out.read_bytes().splitlines())
@@ -145,12 +160,7 @@ def chat_body(question, picture, max_tokens, stream=False):
 
 def test_four_concurrent_clients_get_the_sequential_answers_and_their_own_cache(endless, noise_image, second_image,
                                                                                tmp_path):
-    from PIL import Image
-    pictures = []
-    for i in range(4):
-        path = tmp_path / f"c{i}.png"
-        Image.open(noise_image if i % 2 else second_image).rotate(40 * i).save(path)
-        pictures.append(path)
+    pictures = rotated_pictures(tmp_path / "pics", 4, 40, noise_image, second_image)
     questions = [f"Question {i}?" for i in range(4)]
     one = Server(endless, "--parallel", "1", quant="F16")
     try:
@@ -227,18 +237,12 @@ def test_a_client_leaving_mid_stream_stops_only_its_own_slot(endless, noise_imag
 def test_ctrl_c_during_a_parallel_caption_run(endless, tmp_path, noise_image, second_image):
     """SIGINT while four pictures decode together: exit 130, one line, only whole records of finished
     pictures (none of the cancelled ones), and the next run captions exactly the rest."""
-    from PIL import Image
     folder = tmp_path / "pics"
-    folder.mkdir()
-    for i in range(12):
-        Image.open(noise_image if i % 2 else second_image).rotate(20 * i).save(folder / f"p{i:02d}.png")
+    rotated_pictures(folder, 12, 20, noise_image, second_image)
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "acestep_gguf", "caption", str(folder), "-m", str(endless), "--out", str(out),
-           "--max-tokens", "400", "--parallel", "4"]
+    cmd = parallel_caption(folder, endless, out, 400)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 2):
-        time.sleep(0.02)
+    wait_for_lines(out, 2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

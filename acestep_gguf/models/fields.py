@@ -18,6 +18,7 @@ MAX_LAYERS = 1024
 MAX_HEADS = 1024
 MAX_VOCAB = 1 << 22
 MAX_POSITIONS = 1 << 24
+MAX_PARALLEL = 64  # sequences in one context (llama.cpp allows 256; each needs a KV cache of its own)
 MAX_IMAGE = 4096  # pixels on a side of the model's input
 
 

@@ -37,12 +37,11 @@ def detect(config: dict, config_path: str = "config.json") -> Family:
         if family.matches(config):
             return family
     architectures = config.get("architectures") or []
-    reasons = [OUT_OF_REACH[a] for a in architectures if isinstance(a, str) and a in OUT_OF_REACH]
     vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
-    if vision.get("model_type") in OUT_OF_REACH_VISION:
-        reasons.append(OUT_OF_REACH_VISION[vision["model_type"]])
-    if reasons:
-        raise UnsupportedArchitectureError(f"{config_path}: {architectures[0]} cannot be converted: {reasons[0]}")
+    reason = next((OUT_OF_REACH[a] for a in architectures if isinstance(a, str) and a in OUT_OF_REACH),
+                  OUT_OF_REACH_VISION.get(vision.get("model_type")))
+    if reason:
+        raise UnsupportedArchitectureError(f"{config_path}: {architectures[0]} cannot be converted: {reason}")
     if any(a in f.architectures for f in FAMILIES for a in architectures):
         top = Fields(config, "config.json")  # a text_config that is no object is named as such
         model_type = top.section("text_config").data.get("model_type")

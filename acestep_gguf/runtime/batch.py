@@ -25,7 +25,7 @@ import llama_cpp
 
 from ..errors import AcestepGGUFError
 from .generation import Decoding, SamplingOptions, TurnStats
-from .kv_session import Cancelled, KVSession, TokenBatch, decode_error
+from .kv_session import AbortFlag, Cancelled, KVSession, TokenBatch, decode_error
 
 
 @dataclass
@@ -60,28 +60,18 @@ class BatchCounters:
         return self.rows / self.steps if self.steps else 0.0
 
 
-class _Either:
-    """Set when the session's cancel event or the job's is: what a job's KVSession checks."""
-
-    def __init__(self, a: threading.Event, b: threading.Event):
-        self.a, self.b = a, b
-
-    def is_set(self) -> bool:
-        return self.a.is_set() or self.b.is_set()
-
-
 class Batcher:
     """The sequences of one VisionChat's context and the jobs on them. Not thread-safe: one thread
     (the owner of the chat's session lock) calls start() and step()."""
 
-    def __init__(self, chat):
+    def __init__(self, chat, counters: BatchCounters | None = None):
         self.chat = chat
         llm, mctx = chat._contexts.llm, chat._contexts.mctx
         self.slots = [chat._kv] + [KVSession(llm, mctx, chat._cancel, seq) for seq in range(1, chat.parallel)]
         self.jobs: list[Job | None] = [None] * len(self.slots)
         self._decodings: list[Decoding | None] = [None] * len(self.slots)
         self._batch = TokenBatch(len(self.slots))
-        self.counters = BatchCounters()
+        self.counters = counters or BatchCounters()
 
     @property
     def free(self) -> list[int]:
@@ -97,7 +87,7 @@ class Batcher:
         assert self.jobs[slot] is None
         kv, chat = self.slots[slot], self.chat
         job.slot, job.stats = slot, TurnStats()
-        kv.cancel = _Either(chat._cancel, job.cancel)
+        kv.cancel = AbortFlag(chat._cancel, job.cancel)
         chat._abort.extra = job.cancel
         started = time.perf_counter()
         try:
@@ -106,7 +96,7 @@ class Batcher:
             if job.cancel.is_set():
                 raise Cancelled()
             chat._prefill(job.messages, job.stats, kv)
-            decoding = Decoding(kv, job.options, job.stats, started, job.tokens, kv.cancel)
+            decoding = Decoding(kv, job.options, job.stats, started, job.tokens)
         except Cancelled:
             job.stats.finish_reason = "cancelled"
             self._end(job)

@@ -93,7 +93,7 @@ def caption_records(chat, paths: list, prompt: str, max_tokens: int) -> Iterator
     """One record per picture, in the given order: {"image", "text", ...} or {"image", "error"}; each
     picture a fresh conversation, up to ``chat.parallel`` of them decoded together. A picture whose
     turn was cancelled (Ctrl-C) gets no record: it is captioned on the next run."""
-    for reply in chat.batch([BatchRequest(prompt, (path,)) for path in paths], max_tokens=max_tokens):
+    for reply in chat.batch((BatchRequest(prompt, (path,)) for path in paths), max_tokens=max_tokens):
         key = str(paths[reply.index])
         if reply.error is not None:
             yield {"image": key, "error": reply.error}

@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import interrupts, llama_log
 from ..errors import BusyError, CancelledError, ModelFilesError, OptionError
-from ..models.fields import MAX_POSITIONS
+from ..models.fields import MAX_PARALLEL, MAX_POSITIONS
 from ..system import available_memory, default_threads
 from ..templates import (KNOWN_PLACEHOLDERS, MEDIA_MARKER, PLACEHOLDER_KEY, ImageStyle, TemplateFailed, compile_template,
                          image_style)
@@ -48,11 +48,10 @@ from .llama_context import LoadedModel
 from .gguf_header import read_header
 from .model_files import ModelFiles, check_pair, fields_of, pixel_recipe, resolve
 from .prompt import render_prompt
-from .offload import N_UBATCH, auto_parallel, plan_offload
+from .offload import N_UBATCH, auto_parallel, offload_planner
 
 PATCHED_BUILD = "+acestep."  # 0.3.36+acestep.N: tools/build_llama_cpp.sh
 PROMPT_ROOM = 32  # positions beyond one image that the smallest useful context must hold
-MAX_PARALLEL = 64  # sequences in one context (llama.cpp allows 256; each needs its own KV cache)
 
 
 class _Contexts:
@@ -129,16 +128,17 @@ class VisionChat:
         cache.check_head_dim(model_fields.get(f"{arch}.attention.key_length", model_fields[f"{arch}.embedding_length"]
                                               // model_fields[f"{arch}.attention.head_count"]))
         if parallel != "auto" and (type(parallel) is not int or not 1 <= parallel <= MAX_PARALLEL):
-            raise OptionError(f"parallel {parallel!r}: 'auto' or a whole number from 1 to {MAX_PARALLEL}")
+            raise OptionError(f"parallel {parallel!r}: 'auto' or a whole number of conversations from 1 to "
+                              f"{MAX_PARALLEL}")
         if n_threads is not None and (type(n_threads) is not int or not 1 <= n_threads <= 1024):
             raise OptionError(f"n_threads {n_threads!r}: a whole number from 1 to 1024")
+        planned = offload_planner(files.model, files.mmproj, vram, headers=headers, cache=cache) \
+            if "auto" in (parallel, n_gpu_layers) else None
         if parallel == "auto":
-            parallel = auto_parallel(lambda n: plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx * n,
-                                                            headers=headers, cache=cache), available_memory())
+            parallel = auto_parallel(lambda n: planned(n_ctx * n), available_memory())
         offload = None
         if n_gpu_layers == "auto":
-            offload = plan_offload(files.model, files.mmproj, vram=vram, n_ctx=n_ctx * parallel, headers=headers,
-                                   cache=cache)
+            offload = planned(n_ctx * parallel)  # every sequence has a KV cache of its own
             n_gpu_layers = offload.n_gpu_layers
         elif type(n_gpu_layers) is not int or n_gpu_layers < 0:
             raise OptionError(f"n_gpu_layers {n_gpu_layers!r}: 'auto' or a whole number of at least 0")
@@ -292,8 +292,8 @@ class VisionChat:
 
     def batch(self, requests, **sampling) -> Iterator[BatchReply]:
         """Answer many independent questions, up to ``parallel`` of them decoded together (the
-        context holds that many conversations): each request is a BatchRequest, a {"prompt",
-        "images"} dict or a (prompt, images) pair, answered as a fresh conversation (the system
+        context holds that many conversations): each request is a BatchRequest or a (prompt,
+        images) pair, answered as a fresh conversation (the system
         prompt, then its pictures and text) exactly as ask() would answer it after reset().
         Yields a BatchReply per request in request order; a request whose picture cannot be read
         gets one with ``error`` and the others go on. Holds the session from this call until the
@@ -318,12 +318,10 @@ class VisionChat:
     def _batch_message(self, request) -> dict:
         if isinstance(request, BatchRequest):
             prompt, images = request.prompt, request.images
-        elif isinstance(request, dict) and set(request) <= {"prompt", "images"}:
-            prompt, images = request.get("prompt"), request.get("images", ())
         elif isinstance(request, (tuple, list)) and len(request) == 2:
             prompt, images = request
         else:
-            raise OptionError("a batch request is a BatchRequest, a {'prompt', 'images'} dict or a (prompt, images) pair")
+            raise OptionError("a batch request is a BatchRequest or a (prompt, images) pair")
         if not isinstance(prompt, str):
             raise OptionError(f"a batch request's prompt must be a string, not {type(prompt).__name__}")
         parts = [{"type": "image", "image": prepare(img, self._recipe)} for img in _image_list(images)]

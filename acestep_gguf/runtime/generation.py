@@ -106,10 +106,10 @@ class Decoding:
     turn's stats. Its owner decodes ``token`` after every ``step()`` that did not finish — alone
     (generate below) or together with other sequences (runtime/batch.py): both run this same code."""
 
-    def __init__(self, kv, o: SamplingOptions, stats: TurnStats, started: float, generated: list[int],
-                 cancel=None):
+    def __init__(self, kv, o: SamplingOptions, stats: TurnStats, started: float, generated: list[int]):
+        import llama_cpp
+        self.llama = llama_cpp  # imported here, as this module is also read by the light API modules
         self.kv, self.o, self.stats, self.started, self.generated = kv, o, stats, started, generated
-        self.cancel = cancel if cancel is not None else kv.cancel
         self.sampler = make_sampler(o, kv.vocab)
         self.decoder = codecs.getincrementaldecoder("utf-8")("ignore")  # as llama-cpp-python does
         self.text, self.sent, self.stop_hit, self.t_first = "", 0, False, None
@@ -118,9 +118,8 @@ class Decoding:
     def step(self, index: int = -1) -> tuple[str, bool]:
         """Sample the next token from the logits of row ``index`` of the last batch: (text safe to
         show now, finished). ``stats.finish_reason`` says why it finished."""
-        import llama_cpp
-        stats, o = self.stats, self.o
-        if self.cancel.is_set():
+        llama_cpp, stats, o = self.llama, self.stats, self.o
+        if self.kv.cancel.is_set():
             stats.finish_reason = "cancelled"
             return "", True
         if stats.completion_tokens >= o.max_tokens:
@@ -153,9 +152,8 @@ class Decoding:
         return "" if self.stop_hit else self.text[self.sent:]
 
     def close(self) -> None:
-        import llama_cpp
         if self.sampler is not None:
-            llama_cpp.llama_sampler_free(self.sampler)
+            self.llama.llama_sampler_free(self.sampler)
             self.sampler = None
         if self.t_first is not None:
             self.stats.decode_s = time.perf_counter() - self.t_first

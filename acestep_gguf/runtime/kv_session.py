@@ -32,15 +32,19 @@ class Cancelled(Exception):
 
 
 class AbortFlag:
-    """llama.cpp's abort callback: true once the session's cancel event is set, or that of the one
-    batch sequence being prefilled (``extra``). Never raises (it runs inside a ctypes callback)."""
+    """Set once the session's cancel event is, or ``extra`` (one batch sequence's own event). As
+    llama.cpp's abort callback (called with its data pointer) it never raises; as a sequence's
+    ``cancel`` it is checked with is_set()."""
 
-    def __init__(self, base: threading.Event):
-        self.base, self.extra = base, None
+    def __init__(self, base: threading.Event, extra: threading.Event | None = None):
+        self.base, self.extra = base, extra
 
-    def __call__(self, _data) -> bool:
+    def is_set(self) -> bool:
         extra = self.extra
         return self.base.is_set() or (extra is not None and extra.is_set())
+
+    def __call__(self, _data) -> bool:
+        return self.is_set()
 
 
 @dataclass
@@ -336,7 +340,6 @@ class TokenBatch:
     logits are wanted; allocated once, freed with its owner."""
 
     def __init__(self, size: int):
-        self.size = size
         self.batch = llama_cpp.llama_batch_init(size, 0, 1)
         weakref.finalize(self, llama_cpp.llama_batch_free, self.batch)
 

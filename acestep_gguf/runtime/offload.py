@@ -244,11 +244,18 @@ def auto_parallel(plan_for: Callable[[int], OffloadPlan], available_ram: int | N
     return 1
 
 
+def offload_planner(model: Path, mmproj: Path | None, vram=None, *, headers=None,
+                    cache: CacheTypes = CacheTypes()) -> Callable[[int], OffloadPlan]:
+    """The plan for any context length (all sequences' positions together), with the model's shape,
+    this build's GPU support and the given or free VRAM found once (nvidia-smi is a subprocess)."""
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    budget = parse_size(vram) if vram is not None else (detect_vram() or 0) if gpu else 0
+    shape = shape_from_headers(*headers) if headers else shape_from_gguf(Path(model), Path(mmproj) if mmproj else None)
+    return lambda n_ctx: plan(shape, budget, n_ctx, gpu, cache)
+
+
 def plan_offload(model: Path, mmproj: Path | None, vram=None, n_ctx: int = 8192, *, headers=None,
                  cache: CacheTypes = CacheTypes()) -> OffloadPlan:
     """What n_gpu_layers='auto' uses: the real files (or their already checked ``headers``, a
     (language model, mmproj) pair), this build's GPU support, the given or free VRAM."""
-    gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    budget = parse_size(vram) if vram is not None else (detect_vram() or 0) if gpu else 0
-    shape = shape_from_headers(*headers) if headers else shape_from_gguf(Path(model), Path(mmproj) if mmproj else None)
-    return plan(shape, budget, n_ctx, gpu, cache)
+    return offload_planner(model, mmproj, vram, headers=headers, cache=cache)(n_ctx)

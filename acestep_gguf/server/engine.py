@@ -173,8 +173,7 @@ class Engine:
     def _start_thread(self) -> None:
         if self._thread is None:
             self.chat._acquire()  # the scheduler thread owns the session from now on
-            self._batcher = Batcher(self.chat)
-            self._batcher.counters = self.counters
+            self._batcher = Batcher(self.chat, self.counters)
             self._thread = threading.Thread(target=self._schedule, name="acestep-slots", daemon=True)
             self._thread.start()
 
@@ -256,13 +255,7 @@ class Engine:
         if not converted or converted[-1]["role"] != "user":
             raise OptionError("the conversation must end with a user message")
         options = SamplingOptions.from_kwargs(self.chat._seed, **ticket.sampling)
-        result = ticket.result
-
-        def on_piece(piece: str) -> None:
-            result.text += piece
-            ticket.post("piece", piece)
-
-        return Job(converted, options, on_piece, cancel=result.abandoned, tag=ticket)
+        return Job(converted, options, lambda piece: ticket.post("piece", piece), cancel=ticket.result.abandoned)
 
     def _place(self, batcher: Batcher, keys: tuple) -> int:
         """The free slot for a conversation: the one holding its longest prefix, or a saved state
@@ -290,7 +283,7 @@ class Engine:
 
     def _complete(self, job: Job, ticket: _Ticket) -> None:
         result = ticket.result
-        result.stats = job.stats
+        result.text, result.stats = job.text, job.stats
         if job.error is not None:
             ticket.post("error", job.error)
             return
