@@ -25,7 +25,7 @@ import llama_cpp
 
 from ..errors import AcestepGGUFError
 from .generation import Decoding, SamplingOptions, TurnStats
-from .kv_session import AbortFlag, Cancelled, KVSession, TokenBatch, decode_error
+from .kv_session import AbortFlag, Cancelled, TokenBatch, decode_error
 
 
 @dataclass
@@ -66,8 +66,7 @@ class Batcher:
 
     def __init__(self, chat, counters: BatchCounters | None = None):
         self.chat = chat
-        llm, mctx = chat._contexts.llm, chat._contexts.mctx
-        self.slots = [chat._kv] + [KVSession(llm, mctx, chat._cancel, seq) for seq in range(1, chat.parallel)]
+        self.slots = [chat._kv] + [chat._kv.sibling(seq) for seq in range(1, chat.parallel)]
         self.jobs: list[Job | None] = [None] * len(self.slots)
         self._decodings: list[Decoding | None] = [None] * len(self.slots)
         self._batch = TokenBatch(len(self.slots))

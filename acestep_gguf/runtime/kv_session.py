@@ -72,8 +72,13 @@ class KVSession:
         self.cache: list[Span] = []
         self.n_past = 0  # positions held by the KV cache: the sum of the cache's n_pos
         self._piece_buf = ctypes.create_string_buffer(256)
-        self._controls = None
-        self._markup = None
+        self._vocab_facts: dict = {}  # "controls", "markup": found once per model, shared by siblings
+
+    def sibling(self, seq: int) -> "KVSession":
+        """A session on another sequence of the same context, sharing what was learnt of the vocabulary."""
+        other = KVSession(self.llm, self.mctx, self.cancel, seq)
+        other._vocab_facts = self._vocab_facts
+        return other
 
     @property
     def n_ctx(self) -> int:
@@ -193,20 +198,21 @@ class KVSession:
     @property
     def controls(self) -> list[tuple[str, int]]:
         """(text, id) of every control token, longest first (the order llama.cpp matches them in)."""
-        if self._controls is None:
+        if "controls" not in self._vocab_facts:
             wanted = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
             found = [(self.piece(t, special=True).decode("utf-8", "replace"), t)
                      for t in range(llama_cpp.llama_vocab_n_tokens(self.vocab))
                      if llama_cpp.llama_vocab_get_attr(self.vocab, t) & wanted]
-            self._controls = sorted([c for c in found if c[0]], key=lambda c: -len(c[0]))
-        return self._controls
+            self._vocab_facts["controls"] = sorted([c for c in found if c[0]], key=lambda c: -len(c[0]))
+        return self._vocab_facts["controls"]
 
     def holds_markup(self, text: str) -> bool:
         """Would this message text be read as markup: a control token's text or mtmd's marker (one
         regex pass, however many control tokens the vocabulary has)."""
-        if self._markup is None:
-            self._markup = re.compile("|".join(re.escape(t) for t in [MEDIA_MARKER] + [c for c, _ in self.controls]))
-        return self._markup.search(text) is not None
+        if "markup" not in self._vocab_facts:
+            self._vocab_facts["markup"] = re.compile("|".join(re.escape(t) for t in [MEDIA_MARKER] +
+                                                               [c for c, _ in self.controls]))
+        return self._vocab_facts["markup"].search(text) is not None
 
     @staticmethod
     def _spans(chunks, images, wanted: list, sources: list) -> None:
