@@ -564,7 +564,8 @@ def caption(
 @app.command()
 def plan(
     model: Optional[Path] = typer.Argument(None, help="Converted folder or language-model .gguf file."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="Plan for a model card instead: ace-step-1.5, llava-1.5-7b or llava-1.5-13b."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="Plan for a model card instead: ace-step-1.5, llava-1.5-7b, llava-1.5-13b, "
+                                          "llava-v1.6-mistral-7b, llava-v1.6-vicuna-7b, llava-v1.6-vicuna-13b or llava-v1.6-34b."),
     quant: Optional[str] = typer.Option(None, "--quant", help="Language-model type (with --preset: default Q4_K_M)."),
     mmproj_quant: str = typer.Option("F16", "--mmproj-quant", help="Vision projector type for --preset: F16 or Q8_0."),
     vram: str = typer.Option("12GiB", "--vram", help="GPU memory budget with a unit: 12GiB, 11.5GB, 800MiB."),
@@ -644,6 +645,9 @@ def plan(
     out.print(table)
     where = "GPU" if result.output_on_gpu else "CPU"
     say(f"--gpu-layers {result.n_gpu_layers}: {result.reason}; output layer on the {where}")
+    if result.image_tokens:
+        room = "" if ctx > result.image_tokens else " — too small a --ctx for one picture"
+        say(f"one picture takes up to {result.image_tokens} of the {ctx} context positions{room}")
     if best:
         from .quant_types import TYPES
         hint = " (it needs an importance matrix: convert --imatrix FILE)" if chosen and TYPES[chosen].needs_imatrix else ""

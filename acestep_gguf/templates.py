@@ -160,10 +160,19 @@ class ImageStyle:
 
     parts: bool
     placeholder: str = MEDIA_MARKER
+    # a message without pictures is handed over as one string, not a list of text parts (templates that
+    # write ``message['content'] + eos_token``, as Pixtral's does for replies)
+    text_as_string: bool = False
 
     def content(self, part: dict) -> dict:
         """What the template sees for one image part."""
         return dict(IMAGE_PART) if self.parts else _text(MEDIA_MARKER)
+
+    def message_content(self, parts: list[dict]):
+        """What the template sees as a message's content."""
+        if self.text_as_string and all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
 
 
 LEGACY = ImageStyle(parts=False)
@@ -173,7 +182,8 @@ def probe(template: jinja2.Template, which: str, style: ImageStyle, bos_token: s
           eos_token: str = "</s>") -> None:
     """Render one probe conversation; TemplateFailed says what went wrong. Every text part must come
     out, in order, and exactly one placeholder per picture, each inside its own message."""
-    messages = [{"role": m["role"], "content": [style.content(p) if p["type"] == "image" else p for p in m["content"]]}
+    messages = [{"role": m["role"],
+                 "content": style.message_content([style.content(p) if p["type"] == "image" else p for p in m["content"]])}
                 for m in PROBES[which]]
     text = render(template, messages=messages, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
     if "'type'" in text:
@@ -209,9 +219,11 @@ def check(template: jinja2.Template, style: ImageStyle, skip: tuple = (), **toke
 
 def image_style(template: jinja2.Template, placeholders: tuple[str, ...], skip: tuple = (), **tokens) -> ImageStyle:
     """The first style this template renders every probe in: image parts with one of ``placeholders``
-    (tried in order), else pictures as marker text parts. TemplateFailed names the first style's problem."""
+    (tried in order; text-only messages as lists of parts, then as strings), else pictures as marker
+    text parts. TemplateFailed names the first style's problem."""
     first = None
-    for style in [ImageStyle(True, p) for p in dict.fromkeys(placeholders)] + [LEGACY]:
+    styles = [ImageStyle(True, p, as_string) for p in dict.fromkeys(placeholders) for as_string in (False, True)]
+    for style in styles + [LEGACY]:
         try:
             check(template, style, skip, **tokens)
             return style

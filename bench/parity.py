@@ -3,6 +3,8 @@ of each family, converted, against transformers in float32.
 
     python bench/parity.py                 # the Qwen2 family (ACE-Step 1.5's layout): F16, BF16, Q8_0
     python bench/parity.py --family llama  # LLaVA-1.5 (Llama) and BakLLaVA (Mistral): F16, Q8_0
+    python bench/parity.py --family next   # LLaVA-NeXT (Mistral): pictures of several shapes, F16, Q8_0
+    python bench/parity.py --family pixtral  # Pixtral (Mistral with a byte-level BPE): several shapes, F16, Q8_0
 """
 
 from __future__ import annotations
@@ -51,10 +53,89 @@ def llama_family() -> None:
                     print(f"| {text} | {quant} | {name} | {got.argmax() == ref.argmax()} | {top10_gap(ref, got):.1e} |")
 
 
+def llava_next_family() -> None:
+    """The tiny LLaVA-NeXT of tests/test_llava_next.py against transformers' LlavaNextProcessor + model."""
+    import json
+
+    import test_llava_next as t
+    from spm_vocab import llama_tokenizer_json
+    from tokenizers import Tokenizer
+    from transformers import LlamaTokenizerFast, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+    spm = Tokenizer.from_str(json.dumps(llama_tokenizer_json()))
+    model = build_model(t.tiny_next_config(spm), cls=LlavaNextForConditionalGeneration)
+    work = Path(tempfile.mkdtemp())
+    ckpt = save_checkpoint(model, spm, work / "ckpt", style="hub4", shards=2, preprocessor=t.PREPROCESSOR,
+                           tokenizer_config={**LLAMA_TOKENIZER_CONFIG, "chat_template": t.MISTRAL_NEXT_TEMPLATE})
+    convert(ckpt, out=work / "out", quant="F16,Q8_0", name="p")
+    tokenizer = LlamaTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>", add_bos_token=True, legacy=True)
+    processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessor(**t.PREPROCESSOR), tokenizer=tokenizer,
+                                   patch_size=t.PATCH, vision_feature_select_strategy="default", image_token="<image>",
+                                   num_additional_image_tokens=1, chat_template=t.MISTRAL_NEXT_TEMPLATE)
+    print("| file | picture (w x h) | positions (ours / transformers) | same top-1 | max abs Δ log-prob over "
+          "transformers' top-10 | another picture moves it by |\n|---|---|---|---|---|---|")
+    for quant in ("F16", "Q8_0"):
+        with VisionChat.load(work / "out", quant=quant, n_ctx=2048, n_gpu_layers=0) as chat:
+            for name in [None, *t.SHAPES]:
+                image = t.picture(name) if name else None
+                ref, n_prompt = t.reference(model, processor, image)
+                chat.reset()
+                got = chat.next_token_logprobs(t.QUESTION, images=[image] if image else [])
+                shape = f"{name} {t.SHAPES[name][0]}x{t.SHAPES[name][1]}" if name else "none (text only)"
+                other = ""
+                if name:
+                    alt, _ = t.reference(model, processor, t.picture("wide" if name != "wide" else "tall"))
+                    other = f"{top10_gap(ref, alt):.1e}"
+                print(f"| {quant} | {shape} | {chat.last_turn.prompt_positions} / {n_prompt} | "
+                      f"{got.argmax() == ref.argmax()} | {top10_gap(ref, got):.1e} | {other} |")
+        with VisionChat.load(work / "out", quant="F16", n_ctx=2048, n_gpu_layers=0) as chat:
+            worst = 0.0
+            for name in t.SHAPES:
+                inputs = processor(images=[t.picture(name)], text="<image>", return_tensors="pt")
+                with torch.no_grad():
+                    out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+                ref = torch.cat(list(out.pooler_output)).numpy()
+                got = chat.encode_image(t.picture(name))
+                worst = max(worst, float(np.abs(got - ref).max() / np.abs(ref).max()))
+    print(f"\npacked image features (F16, all shapes): max |Δ| / max |feature| = {worst:.1e}")
+
+
+def pixtral_family() -> None:
+    """The tiny Pixtral of tests/test_pixtral.py against transformers' PixtralProcessor + model."""
+    import test_pixtral as t
+    bpe = t.build_bpe()
+    model = build_model(t.tiny_pixtral_config(bpe))
+    work = Path(tempfile.mkdtemp())
+    ckpt = save_checkpoint(model, bpe, work / "ckpt", style="saved5", shards=2, tokenizer_config=t.TOKENIZER_CONFIG,
+                           preprocessor=t.PREPROCESSOR)
+    convert(ckpt, out=work / "out", quant="F16,Q8_0", name="p")
+    processor = t.processor.__wrapped__((model, ckpt, work / "out"))
+    print("| file | picture (w x h) | positions (ours / transformers) | same top-1 | max abs Δ log-prob over "
+          "transformers' top-10 | another picture moves it by |\n|---|---|---|---|---|---|")
+    for quant in ("F16", "Q8_0"):
+        with VisionChat.load(work / "out", quant=quant, n_ctx=1024, n_gpu_layers=0) as chat:
+            for name in [None, *t.SHAPES]:
+                image = t.picture(name) if name else None
+                ref, n_prompt = t.reference(model, processor, image)
+                chat.reset()
+                got = chat.next_token_logprobs(t.QUESTION, images=[image] if image else [])
+                shape = f"{name} {t.SHAPES[name][0]}x{t.SHAPES[name][1]}" if name else "none (text only)"
+                other = f"{top10_gap(ref, t.reference(model, processor, t.picture('tall' if name != 'tall' else 'wide'))[0]):.1e}" \
+                    if name else ""
+                print(f"| {quant} | {shape} | {chat.last_turn.prompt_positions} / {n_prompt} | "
+                      f"{got.argmax() == ref.argmax()} | {top10_gap(ref, got):.1e} | {other} |")
+
+
 def main() -> None:
     torch.set_num_threads(2)
-    if "--family" in sys.argv and sys.argv[sys.argv.index("--family") + 1] == "llama":
+    family = sys.argv[sys.argv.index("--family") + 1] if "--family" in sys.argv else "qwen2"
+    if family == "llama":
         return llama_family()
+    if family == "next":
+        return llava_next_family()
+    if family == "pixtral":
+        return pixtral_family()
     tok = build_tokenizer()
     model = build_model(tiny_config(tok))
     work = Path(tempfile.mkdtemp())

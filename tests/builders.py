@@ -96,9 +96,9 @@ def tiny_llama_config(tokenizer: Tokenizer, text: str = "llama", n_vocab: int = 
                        vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu")
 
 
-def build_model(config: LlavaConfig, seed: int = 0) -> LlavaForConditionalGeneration:
+def build_model(config: LlavaConfig, seed: int = 0, cls=LlavaForConditionalGeneration) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = cls(config).eval()
     with torch.no_grad():  # default init leaves norms at 1 and biases at 0: perturb so conversion errors show
         for name, p in model.named_parameters():
             if p.ndim == 1:
@@ -111,10 +111,11 @@ def style_names(state: dict, style: str) -> dict:
     rules = {
         "memory5": [],
         "saved5": [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                   ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")],
+                   ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                   ("model.image_newline", "image_newline")],
         "hub4": [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
                  ("model.vision_tower.", "vision_tower.vision_model."),
-                 ("model.multi_modal_projector.", "multi_modal_projector.")],
+                 ("model.multi_modal_projector.", "multi_modal_projector."), ("model.image_newline", "image_newline")],
     }[style]
     return {canonical_name(name, rules) or name: tensor for name, tensor in state.items()}
 
@@ -139,7 +140,7 @@ def save_checkpoint(model: LlavaForConditionalGeneration, tokenizer: Tokenizer, 
             save_file({n: state[n] for n in part}, folder / file, metadata={"format": "pt"})
             weight_map.update({n: file for n in part})
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    model.config.architectures = ["LlavaForConditionalGeneration"]
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))
     tok_config = tokenizer_config or {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,

@@ -62,7 +62,9 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     ({"_class_name": "ACEStepTransformer2DModel", "_diffusers_version": "0.32.0"}, "ACEStepTransformer2DModel"),
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}, "Qwen2ForCausalLM"),
     ({"architectures": ["Idefics2ForConditionalGeneration"], "model_type": "idefics2"}, "perceiver resampler"),
-    ({"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next"}, "image_grid_pinpoints"),
+    ({"architectures": ["LlavaNextForConditionalGeneration"], "model_type": "llava_next",
+      "text_config": {"model_type": "gemma"}, "vision_config": {"model_type": "clip_vision_model"}},
+     "text_config.model_type 'gemma'"),
     ({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
       "vision_config": {"model_type": "pixtral"}, "text_config": {"model_type": "mistral"}}, "Pixtral's vision tower"),
 ])

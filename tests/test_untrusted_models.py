@@ -81,7 +81,7 @@ def test_mis_shaped_tensor_is_refused(pair, noise_image):
     (MM, "clip.vision.image_size", ("56", T.STRING, None), "clip.vision.image_size is STRING, llama.cpp needs UINT32"),
     (MM, "clip.vision.patch_size", (0, T.UINT32, None), "clip.vision.patch_size is 0, outside"),
     (MM, "clip.vision.image_mean", ([0.5], T.ARRAY, T.FLOAT32), "clip.vision.image_mean is 1, outside 3..3"),
-    (MM, "clip.projector_type", ("resampler", T.STRING, None), "clip.projector_type 'resampler' is not supported (supported: mlp)"),
+    (MM, "clip.projector_type", ("resampler", T.STRING, None), "clip.projector_type 'resampler' is not supported (supported: mlp, pixtral)"),
     (MM, "clip.vision.feature_layer", ([9], T.ARRAY, T.INT32), "feature_layer is outside the written layers"),
 ])
 def test_odd_metadata_is_one_line(pair, noise_image, file, key, value, needle):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import TensorError
 from ..models.family import Family
@@ -34,10 +34,20 @@ def canonical_name(name: str, replacements) -> str | None:
     return None
 
 
+def row_of(source: SourceTensor, row: int, shape: tuple[int, ...]) -> SourceTensor:
+    """One row of a matrix, as a tensor of its own (the file's bytes, not a copy)."""
+    if len(source.shape) != 2 or not 0 <= row < source.shape[0] or (source.shape[1],) != tuple(shape):
+        raise TensorError(f"{source.file.name}: tensor {source.name!r} has no row {row} of width {shape[0]}")
+    width = source.nbytes // source.shape[0]
+    return replace(source, name=f"{source.name}[{row}]", shape=tuple(shape), start=source.start + row * width,
+                   nbytes=width)
+
+
 def make_plan(ckpt: Checkpoint, family: Family) -> Plan:
     """Match the checkpoint's tensors against the family's tables; any surprise is an error."""
-    h = family.hparams(ckpt.config, ckpt.preprocessor)
-    expected = {s.source_name: s for s in family.tensors(h)}
+    h = family.hparams(ckpt.config, ckpt.preprocessor, ckpt.tokenizer)
+    specs = family.tensors(h)
+    expected = {s.source_name: s for s in specs if s.row is None}
     ignorable = {i.source_name: i.reason for i in family.ignored(h)}
     found: dict[str, PlannedTensor] = {}
     ignored: dict[str, str] = {}
@@ -64,6 +74,7 @@ def make_plan(ckpt: Checkpoint, family: Family) -> Plan:
                           + (f", and {len(missing) - 1} more" if len(missing) > 1 else ""))
     rank = {name: i for i, name in enumerate(expected)}
     planned = sorted(found.values(), key=lambda p: rank[p.spec.source_name])
+    planned += [PlannedTensor(s, row_of(found[s.source_name].source, s.row, s.shape)) for s in specs if s.row is not None]
     return Plan(family, h,
                 [p for p in planned if p.spec.role == "language"],
                 [p for p in planned if p.spec.role == "vision"],

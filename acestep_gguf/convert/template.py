@@ -23,10 +23,16 @@ def problem(template: str, placeholder: str | None) -> str | None:
     if placeholder is None:
         return "the checkpoint has no image token, so its pictures cannot be located in the template's output"
     try:
-        check(compile_template(template), ImageStyle(True, placeholder))
+        compiled, first = compile_template(template), None
     except TemplateFailed as e:
         return str(e)
-    return None
+    for as_string in (False, True):  # text-only messages as lists of parts, else as strings (Pixtral's replies)
+        try:
+            check(compiled, ImageStyle(True, placeholder, as_string))
+            return None
+        except TemplateFailed as e:
+            first = first or str(e)
+    return first
 
 
 def choose(checkpoint_template: str | None, builtin: str, placeholder: str | None) -> TemplateChoice:

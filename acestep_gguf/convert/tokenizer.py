@@ -1,7 +1,8 @@
 """The GGUF tokenizer block, built from a Hugging Face tokenizer.json, for each tokenizer kind a
 family can use (models/tokenizers.py says what llama.cpp reads back):
 
-- "gpt2": byte-level BPE with Qwen2's pre-tokenizer: tokens, types and merges as they are.
+- "gpt2": byte-level BPE whose split regex is one llama.cpp implements (Qwen2's, or Llama-3's as
+  Pixtral uses it): tokens, types and merges as they are.
 - "llama": SentencePiece vocabularies as transformers stores them (BPE with byte fallback and "▁"
   for spaces). llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result has the
   highest score, Hugging Face's BPE the pair with the lowest merge rank; giving each piece the score
@@ -22,6 +23,11 @@ from ..models.spec import MetadataEntry
 # The split regex of Qwen2's tokenizer.json; llama.cpp's 'qwen2' pre-tokenizer implements exactly this.
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Llama-3's split, which mistral-community/pixtral-12b's tokenizer.json uses (digits in threes); llama.cpp's
+# 'pixtral' pre-tokenizer is exactly this (its own converter names pixtral-12b's vocabulary so).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {QWEN2_SPLIT: "qwen2", LLAMA3_SPLIT: "pixtral"}  # split regex -> llama.cpp's pre-tokenizer
 BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -45,12 +51,14 @@ def tokenizer_metadata(kind: str, tok: dict, tok_config: dict, config: dict, n_v
 
 
 def _gpt2(tok: dict, model: dict, merges: list[str], tokens: list[str], types: list[int]) -> list[MetadataEntry]:
-    if _split_patterns(tok.get("pre_tokenizer")) != [QWEN2_SPLIT]:
-        raise ConfigError("tokenizer.json: pre_tokenizer is not Qwen2's byte-level split; llama.cpp would tokenize "
-                          "this vocabulary differently")
+    splits = _split_patterns(tok.get("pre_tokenizer"))
+    pre = PRE_TOKENIZERS.get(splits[0]) if len(splits) == 1 else None
+    if pre is None:
+        raise ConfigError("tokenizer.json: pre_tokenizer is not a byte-level split llama.cpp implements (Qwen2's or "
+                          "Llama-3's); llama.cpp would tokenize this vocabulary differently")
     if not merges:
         raise ConfigError("tokenizer.json: model.merges is empty")
-    return [MetadataEntry("tokenizer.ggml.model", "gpt2", T.STRING), MetadataEntry("tokenizer.ggml.pre", "qwen2", T.STRING),
+    return [MetadataEntry("tokenizer.ggml.model", "gpt2", T.STRING), MetadataEntry("tokenizer.ggml.pre", pre, T.STRING),
             MetadataEntry("tokenizer.ggml.tokens", tokens, T.ARRAY, T.STRING),
             MetadataEntry("tokenizer.ggml.token_type", types, T.ARRAY, T.INT32),
             MetadataEntry("tokenizer.ggml.merges", merges, T.ARRAY, T.STRING)]

@@ -10,6 +10,8 @@ from gguf import GGMLQuantizationType as Q
 from ..quant_types import TYPES, tensor_bytes
 
 CLIP_L_336 = {"v_layer": 23, "v_embd": 1024, "v_ff": 4096, "v_head": 16, "v_image": 336, "v_patch": 14}  # -2 of 24
+# llava-hf/llava-v1.6-*-hf: the same tower, tiled by these pinpoints ([height, width])
+ANYRES_336 = {**CLIP_L_336, "pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]}
 
 PRESETS = {
     # Qwen2.5-32B language model + CLIP ViT-H/14 at 448 px + 2-layer MLP projector.
@@ -31,6 +33,37 @@ PRESETS = {
         "family": "llava_llama",
         "n_layer": 40, "n_embd": 5120, "n_ff": 13824, "n_head": 40, "n_head_kv": 40, "head_dim": 128,
         "n_vocab": 32064, "tied": False, **CLIP_L_336,
+    },
+    # llava-hf/llava-v1.6-mistral-7b-hf: Mistral-7B-Instruct-v0.2 + CLIP ViT-L/14-336, any resolution.
+    "llava-v1.6-mistral-7b": {
+        "family": "llava_next_llama",
+        "n_layer": 32, "n_embd": 4096, "n_ff": 14336, "n_head": 32, "n_head_kv": 8, "head_dim": 128,
+        "n_vocab": 32064, "tied": False, **ANYRES_336,
+    },
+    # llava-hf/llava-v1.6-vicuna-7b-hf: Vicuna-7B v1.5.
+    "llava-v1.6-vicuna-7b": {
+        "family": "llava_next_llama",
+        "n_layer": 32, "n_embd": 4096, "n_ff": 11008, "n_head": 32, "n_head_kv": 32, "head_dim": 128,
+        "n_vocab": 32064, "tied": False, **ANYRES_336,
+    },
+    # llava-hf/llava-v1.6-vicuna-13b-hf: Vicuna-13B v1.5.
+    "llava-v1.6-vicuna-13b": {
+        "family": "llava_next_llama",
+        "n_layer": 40, "n_embd": 5120, "n_ff": 13824, "n_head": 40, "n_head_kv": 40, "head_dim": 128,
+        "n_vocab": 32064, "tied": False, **ANYRES_336,
+    },
+    # llava-hf/llava-v1.6-34b-hf: Nous-Hermes-2-Yi-34B (a Llama in llama.cpp).
+    "llava-v1.6-34b": {
+        "family": "llava_next_llama",
+        "n_layer": 60, "n_embd": 7168, "n_ff": 20480, "n_head": 56, "n_head_kv": 8, "head_dim": 128,
+        "n_vocab": 64064, "tied": False, **ANYRES_336,
+    },
+    # mistral-community/pixtral-12b: Mistral-NeMo-12B (vocab 131072) + Pixtral ViT (24 layers, 16 px patches, 1024 px).
+    "pixtral-12b": {
+        "family": "llava_pixtral",
+        "n_layer": 40, "n_embd": 5120, "n_ff": 14336, "n_head": 32, "n_head_kv": 8, "head_dim": 128,
+        "n_vocab": 131072, "tied": False,
+        "v_layer": 24, "v_embd": 1024, "v_ff": 4096, "v_head": 16, "v_image": 1024, "v_patch": 16,
     },
 }
 
@@ -63,11 +96,6 @@ def language_tensor_bytes(preset: dict, quant: str) -> tuple[list[int], dict[str
 
 
 def mmproj_bytes(preset: dict, quant: str) -> int:
-    """Vision tower + projector: matrices in F16 or Q8_0, patch/position embeddings F16, vectors F32."""
-    p, t = preset, TYPES[quant].base
-    v, ff, e = p["v_embd"], p["v_ff"], p["n_embd"]
-    n_pos = (p["v_image"] // p["v_patch"]) ** 2 + 1
-    per_layer = tensor_bytes(t, 4 * v * v + 2 * v * ff) + 4 * (4 * v + ff + 5 * v)
-    fixed = tensor_bytes(Q.F16, v * 3 * p["v_patch"] ** 2 + n_pos * v) + 4 * 3 * v
-    projector = tensor_bytes(t, v * e + e * e) + 4 * 2 * e
-    return p["v_layer"] * per_layer + fixed + projector
+    """Vision tower + projector of a preset, as its tower sizes them."""
+    from .registry import by_name
+    return by_name(preset["family"]).vision.mmproj_bytes(preset, TYPES[quant].base)

@@ -4,25 +4,20 @@ call to ``register`` from anywhere, e.g. a test); nothing else in the package na
 from __future__ import annotations
 
 from ..errors import UnsupportedArchitectureError
-from . import llava_llama, llava_qwen2
+from . import llava_llama, llava_next, llava_qwen2, pixtral
 from .family import Family
 from .fields import Fields
 
-FAMILIES: list[Family] = [llava_qwen2.FAMILY, llava_llama.FAMILY]
+FAMILIES: list[Family] = [llava_qwen2.FAMILY, llava_llama.FAMILY, llava_next.FAMILY_LLAMA, llava_next.FAMILY_QWEN2,
+                           pixtral.FAMILY]
 
 # The card's peers that are not (yet) converted, and why: said in one line instead of "not supported".
 OUT_OF_REACH = {
     "Idefics2ForConditionalGeneration": "IDEFICS-2 is not llava-style: a SigLIP tower feeds a perceiver resampler "
                                         "(64 learned queries per picture) that llama.cpp has no graph for, so no "
                                         "mmproj of it can run",
-    "LlavaNextForConditionalGeneration": "LLaVA-NeXT (LLaVA-1.6) tiles pictures by image_grid_pinpoints and unpads "
-                                         "the tiles' features with an image_newline per row; that packing is not "
-                                         "implemented here yet (llama.cpp's own runtime only approximates it)",
 }
-OUT_OF_REACH_VISION = {
-    "pixtral": "Pixtral's vision tower (2D RoPE, RMSNorm, native resolution, [IMG_BREAK]/[IMG_END]) is not "
-               "implemented here yet",
-}
+OUT_OF_REACH_VISION: dict[str, str] = {}
 
 
 def register(family: Family) -> None:
@@ -55,15 +50,18 @@ def detect(config: dict, config_path: str = "config.json") -> Family:
     supported = "; ".join(f"{f.description}" for f in FAMILIES)
     raise UnsupportedArchitectureError(
         f"{config_path}: {what}: not a supported vision-language checkpoint; acestep-gguf converts "
-        f"LlavaForConditionalGeneration checkpoints: {supported}")
+        f"LlavaForConditionalGeneration and LlavaNextForConditionalGeneration checkpoints: {supported}")
 
 
 def for_gguf(fields: dict, role: str) -> Family | None:
-    """The family that reads this GGUF file: by architecture for a language model, by projector
-    type for an mmproj (which does not say which language model it belongs to)."""
+    """The family that reads this GGUF file: by architecture for a language model, by its vision
+    tower for an mmproj (which does not say which language model it belongs to)."""
     if role == "vision":
-        return next((f for f in FAMILIES if f.projector_type == fields.get("clip.projector_type")), None)
-    return next((f for f in FAMILIES if f.gguf_arch == fields.get("general.architecture")), None)
+        return next((f for f in FAMILIES if f.vision.reads(fields)), None)
+    same_arch = [f for f in FAMILIES if f.gguf_arch == fields.get("general.architecture")]
+    # llama.cpp's `llama` is written with a SentencePiece (LLaVA) or a byte-level BPE (Pixtral) vocabulary
+    return next((f for f in same_arch if f.language.tokenizer == fields.get("tokenizer.ggml.model")),
+                same_arch[0] if same_arch else None)
 
 
 def by_name(name: str) -> Family:

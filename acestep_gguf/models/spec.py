@@ -17,6 +17,7 @@ class TensorSpec:
     shape: tuple[int, ...]  # PyTorch / safetensors order
     role: str  # "language" or "vision"
     rope_heads: int = 0  # >0: rows reordered per head from Hugging Face's rotate_half to llama.cpp's pairs
+    row: int | None = None  # one row of a source tensor another spec converts whole (Pixtral's [IMG_BREAK])
 
 
 @dataclass(frozen=True)

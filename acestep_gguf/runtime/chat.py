@@ -45,7 +45,8 @@ from .batch import BatchCounters, BatchReply, BatchRequest, answer_all
 from .kv_cache_types import CacheTypes
 from .kv_session import AbortFlag, Cancelled, KVSession, KVSnapshot
 from .llama_context import LoadedModel
-from .gguf_header import read_header
+from ..models.llava_next import NEWLINE_TENSOR
+from .gguf_header import read_float_tensor, read_header
 from .model_files import ModelFiles, check_pair, fields_of, pixel_recipe, resolve
 from .prompt import render_prompt
 from .offload import N_UBATCH, auto_parallel, offload_planner
@@ -74,7 +75,7 @@ class VisionChat:
     """A conversation about images with one loaded model. One generation at a time."""
 
     def __init__(self, files: ModelFiles, contexts: _Contexts, recipe, style: ImageStyle, template: str,
-                 system: str | None, seed: int | None, n_gpu_layers: int):
+                 system: str | None, seed: int | None, n_gpu_layers: int, image_newline: np.ndarray | None = None):
         self.files, self.model_path, self.quant = files, files.model, files.quant
         self.n_gpu_layers = n_gpu_layers
         self.offload_plan = None
@@ -96,7 +97,7 @@ class VisionChat:
         abort = self._abort = AbortFlag(cancel)  # also a batch's sequence being prefilled (runtime/batch.py)
         self._abort_cb = llama_cpp.ggml_abort_callback(abort)  # no reference to self
         llama_cpp.llama_set_abort_callback(contexts.llm.ctx, self._abort_cb, None)
-        self._kv = KVSession(contexts.llm, contexts.mctx, cancel)
+        self._kv = KVSession(contexts.llm, contexts.mctx, cancel, image_newline=image_newline)
         self.parallel = contexts.llm.n_seq  # sequences the context holds (batch(), serve --parallel)
         self.last_batch = BatchCounters()  # of the last batch() call
         self.last_turn = TurnStats()
@@ -122,6 +123,7 @@ class VisionChat:
         model_fields, mmproj_fields = fields_of(headers[0]), fields_of(headers[1])
         check_pair(model_fields, mmproj_fields, files)
         recipe = pixel_recipe(mmproj_fields, files.mmproj)
+        newline = _image_newline(headers[1], files.mmproj) if recipe.pinpoints else None
         style = _image_style(model_fields, files.model, system)
         n_ctx = _checked_ctx(n_ctx, recipe)
         arch = model_fields["general.architecture"]
@@ -146,9 +148,9 @@ class VisionChat:
         try:
             with interrupts.deferred():  # a Ctrl-C while loading is raised once loading has returned
                 contexts.llm, contexts.mctx = _open_contexts(files, n_ctx, n_threads, n_gpu_layers, cache, verbose,
-                                                             parallel)
+                                                             parallel, recipe)
                 chat = cls(files, contexts, recipe, style, model_fields["tokenizer.chat_template"], system, seed,
-                           n_gpu_layers)
+                           n_gpu_layers, newline)
         except BaseException:
             contexts.free()
             raise
@@ -188,8 +190,18 @@ class VisionChat:
 
     @property
     def image_size(self) -> int:
-        """The side of the square picture the vision tower takes."""
+        """The side of the square picture (or of each tile) the vision tower takes."""
         return self._recipe.image_size
+
+    @property
+    def pixel_recipe(self):
+        """How pictures are shaped for this model (square crop, or tiles by grid pinpoints)."""
+        return self._recipe
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The most context positions one picture can take (a tiled picture depends on its shape)."""
+        return self._recipe.max_image_tokens()
 
     @property
     def messages(self) -> list[dict]:
@@ -474,12 +486,18 @@ def _image_list(images) -> list:
 
 def _checked_ctx(n_ctx, recipe) -> int:
     """A context that holds at least one image and a short prompt, and no more than any model uses."""
-    n_image = (recipe.image_size // recipe.patch_size) ** 2
+    n_image = recipe.max_image_tokens()
     least = n_image + PROMPT_ROOM
     if type(n_ctx) is not int or not least <= n_ctx <= MAX_POSITIONS:
-        raise OptionError(f"n_ctx {n_ctx!r}: one image takes {n_image} positions, so the context must be a whole "
+        raise OptionError(f"n_ctx {n_ctx!r}: one image takes {'up to ' * bool(recipe.pinpoints)}{n_image} positions, so the context must be a whole "
                           f"number from {least} to {MAX_POSITIONS}")
     return n_ctx
+
+
+def _image_newline(header, path: Path) -> np.ndarray:
+    """The end-of-row embedding a tiled picture's features are packed with (check_file saw its shape)."""
+    info = next(t for t in header.tensors if t.name == NEWLINE_TENSOR)
+    return read_float_tensor(path, info)
 
 
 def _image_style(fields: dict, path: Path, system: str | None) -> ImageStyle:
@@ -497,7 +515,7 @@ def _image_style(fields: dict, path: Path, system: str | None) -> ImageStyle:
 
 
 def _open_contexts(files: ModelFiles, n_ctx: int, n_threads: int | None, n_gpu_layers: int, cache: CacheTypes,
-                   verbose: bool, parallel: int = 1):
+                   verbose: bool, parallel: int = 1, recipe=None):
     llama_log.install(verbose)
     llm = LoadedModel(files.model, n_ctx_seq=n_ctx, n_seq=parallel, n_threads=n_threads or default_threads(),
                       n_gpu_layers=n_gpu_layers, n_batch=min(n_ctx, 2048), n_ubatch=min(n_ctx, N_UBATCH), cache=cache)
@@ -505,6 +523,9 @@ def _open_contexts(files: ModelFiles, n_ctx: int, n_threads: int | None, n_gpu_l
     params.use_gpu = n_gpu_layers > 0
     params.print_timings = verbose
     params.n_threads = llm.n_threads
+    if recipe is not None and recipe.longest_edge:  # pictures come sized as the processor sizes them: mtmd
+        params.image_min_tokens = 1  # must not resize them by its own token limits (Pixtral's: 8..1024)
+        params.image_max_tokens = (recipe.longest_edge // recipe.patch_size) ** 2
     mctx = mtmd.mtmd_init_from_file(str(files.mmproj).encode(), llm.model, params)
     if not mctx:
         llm.close()

@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from ..errors import ModelFilesError
@@ -47,6 +48,7 @@ class TensorInfo:
     shape: tuple[int, ...]  # GGUF order (ne0 first)
     type: GGMLQuantizationType
     n_bytes: int
+    offset: int = 0  # where its data starts in the file
 
 
 @dataclass
@@ -135,7 +137,7 @@ class _Parser:
             if offset % alignment or data_start + offset + n_bytes > self.size:
                 raise _Malformed(f"tensor {name!r} data ({n_bytes} bytes at offset {offset}) lies outside the file "
                                  "or is misaligned")
-            tensors.append(TensorInfo(name, shape, ttype, n_bytes))
+            tensors.append(TensorInfo(name, shape, ttype, n_bytes, data_start + offset))
         return GGUFHeader(fields, types, tensors)
 
     @staticmethod
@@ -206,3 +208,18 @@ class _Parser:
         if shape[0] % block or n > 1 << 48:
             raise _Malformed(f"tensor {name!r} shape {list(shape)} does not fit type {ttype.name}")
         return name, shape, ttype, offset, n // block * type_size
+
+
+FLOAT_TYPES = {GGMLQuantizationType.F32: "<f4", GGMLQuantizationType.F16: "<f2"}
+
+
+def read_float_tensor(path: Path, info: TensorInfo) -> np.ndarray:
+    """A small F32 or F16 tensor's values as float32 (read_header has checked it lies inside the file)."""
+    if info.type not in FLOAT_TYPES:
+        raise ModelFilesError(f"{path}: tensor {info.name} is {info.type.name}; F32 or F16 expected")
+    with open_regular(path, ModelFilesError, "GGUF file") as f:
+        f.seek(info.offset)
+        data = f.read(info.n_bytes)
+    if len(data) != info.n_bytes:
+        raise ModelFilesError(f"{path}: tensor {info.name} is cut short")
+    return np.frombuffer(data, FLOAT_TYPES[info.type]).astype(np.float32).reshape(tuple(reversed(info.shape)))

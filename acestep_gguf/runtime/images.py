@@ -2,8 +2,11 @@
 
 Decoding refuses anything but JPEG / PNG / WEBP (by content), caps bytes and pixels before
 decoding, applies EXIF orientation and flattens transparency on white. Preparation repeats what
-the checkpoint's CLIPImageProcessor does (shortest edge → image size with bicubic, centre crop), so
-llama.cpp receives an image of exactly its input size and neither pads nor resizes it again."""
+the checkpoint's processor does — CLIPImageProcessor (shortest edge → image size with bicubic, centre
+crop), for a tower with grid pinpoints LlavaNextImageProcessor (an overview and the tiles of the
+best pinpoint, models/llava_next.py), for Pixtral PixtralImageProcessor (the picture's own aspect,
+sides multiples of the patch, models/pixtral.py) — so llama.cpp receives pictures of exactly the
+size it encodes and neither pads nor resizes them again."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError
 from ..files import read_bytes
+from ..models import llava_next
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 MAX_BYTES = 64 * 1024 * 1024
@@ -39,14 +44,41 @@ class PixelRecipe:
     patch_size: int
     resize_shortest_edge: int
     resample: int = Image.Resampling.BICUBIC
+    pinpoints: tuple = ()  # (height, width) pairs: the picture is tiled (LLaVA-NeXT); empty: one square crop
+    longest_edge: int = 0  # > 0: the picture keeps its aspect, its longest edge at most this (Pixtral)
+
+    def max_image_tokens(self) -> int:
+        """The most positions one picture can take in the language model's context."""
+        if self.pinpoints:
+            return llava_next.max_tokens(self.pinpoints, self.image_size, self.patch_size)
+        if self.longest_edge:  # every patch, an [IMG_BREAK] per row but the last, [IMG_END]
+            side = self.longest_edge // self.patch_size
+            return side * side + side
+        return (self.image_size // self.patch_size) ** 2
+
+    def layout(self, height: int, width: int) -> "llava_next.AnyresLayout":
+        return llava_next.layout(height, width, self.pinpoints, self.image_size, self.patch_size)
 
 
 @dataclass(frozen=True)
 class PreparedImage:
-    rgb: bytes  # image_size x image_size x 3, row-major
+    rgb: bytes  # image_size x image_size x 3, row-major: the square crop, or a tiled picture's overview
     size: int
     digest: str  # identifies the pixels, so a repeated image is recognised in the KV cache
     label: str  # what to call it in messages
+    tiles: tuple = ()  # a tiled picture's tiles after the overview, row by row (same format as rgb)
+    layout: "llava_next.AnyresLayout | None" = None  # how a tiled picture's features are packed
+    shape: tuple = ()  # (width, height) of a picture kept at its own aspect (rgb is that size); () = square
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        """The size of ``rgb``."""
+        return self.shape or (self.size, self.size)
+
+    @property
+    def n_tokens(self) -> int | None:
+        """Positions in the language model, where the runtime packs them itself (tiled pictures)."""
+        return self.layout.n_tokens if self.layout is not None else None
 
 
 def _read_source(image) -> tuple[bytes | Image.Image, str]:
@@ -141,11 +173,17 @@ def _check_pixels(img: Image.Image, label: str, max_decoded_bytes: int = MAX_DEC
 
 
 def prepare(image, recipe: PixelRecipe, max_decoded_bytes: int = MAX_DECODED_BYTES) -> PreparedImage:
-    """Decode, resize the shortest edge, centre-crop to the model's square input (an image
-    prepared earlier for the same recipe passes through)."""
-    if isinstance(image, PreparedImage) and image.size == recipe.image_size:
+    """Decode and shape as the checkpoint's processor does: shortest edge + centre crop to the square
+    input, tiles (LLaVA-NeXT) or the picture's own aspect (Pixtral); an image prepared earlier for the
+    same recipe passes through."""
+    if (isinstance(image, PreparedImage) and image.size == recipe.image_size and bool(image.layout) == bool(recipe.pinpoints)
+            and bool(image.shape) == bool(recipe.longest_edge)):
         return image
     img, label = decode(image, max_decoded_bytes)
+    if recipe.pinpoints:  # tiles and native sizes scale any picture, as their processors do
+        return _tiled(img, label, recipe)
+    if recipe.longest_edge:
+        return _native(img, label, recipe)
     w, h = img.size
     if min(w, h) < recipe.patch_size:
         raise ImageError(f"{label}: {w}x{h} is smaller than one {recipe.patch_size}-pixel patch")
@@ -161,3 +199,37 @@ def prepare(image, recipe: PixelRecipe, max_decoded_bytes: int = MAX_DECODED_BYT
     img = img.crop((left, top, left + size, top + size))
     rgb = img.tobytes()
     return PreparedImage(rgb, size, hashlib.sha256(rgb).hexdigest()[:16], label)
+
+
+def _tiled(img: Image.Image, label: str, recipe: PixelRecipe) -> PreparedImage:
+    """LlavaNextImageProcessor's tiles: the overview (the picture squashed to one tile), then the
+    picture fitted into the best pinpoint, centred on black, cut row by row."""
+    w, h = img.size
+    size, where = recipe.image_size, recipe.layout(h, w)
+    fit_h, fit_w = llava_next.fitted_size(h, w, where.rows * size, where.cols * size)
+    canvas = Image.new("RGB", (where.cols * size, where.rows * size), (0, 0, 0))
+    canvas.paste(img.resize((fit_w, fit_h), resample=recipe.resample),
+                 ((where.cols * size - fit_w) // 2, (where.rows * size - fit_h) // 2))
+    overview = img.resize((size, size), resample=recipe.resample).tobytes()
+    tiles = tuple(canvas.crop((c * size, r * size, (c + 1) * size, (r + 1) * size)).tobytes()
+                  for r in range(where.rows) for c in range(where.cols))
+    digest = hashlib.sha256(overview + b"".join(tiles) + repr(where).encode()).hexdigest()[:16]
+    return PreparedImage(overview, size, digest, label, tiles, where)
+
+
+def native_size(width: int, height: int, longest_edge: int, patch: int) -> tuple[int, int]:
+    """PixtralImageProcessor's size: scaled down to fit the longest edge (floor), then each side up to
+    a whole number of patches."""
+    ratio = max(height / longest_edge, width / longest_edge)
+    if ratio > 1:
+        height, width = int(math.floor(height / ratio)), int(math.floor(width / ratio))
+    return ((width - 1) // patch + 1) * patch, ((height - 1) // patch + 1) * patch
+
+
+def _native(img: Image.Image, label: str, recipe: PixelRecipe) -> PreparedImage:
+    size = native_size(*img.size, recipe.longest_edge, recipe.patch_size)
+    if size != img.size:
+        img = img.resize(size, resample=recipe.resample)
+    rgb = img.tobytes()
+    digest = hashlib.sha256(rgb + repr(size).encode()).hexdigest()[:16]
+    return PreparedImage(rgb, recipe.image_size, digest, label, shape=size)

@@ -2,7 +2,9 @@
 
 The cache is a list of spans — a text token by id, or a whole image by the digest of its pixels —
 so a new prompt is compared with it span by span and only what differs is evaluated: an earlier
-image is never encoded again. VisionChat is a conversation on top of this; a server or a batch
+image is never encoded again. A square picture goes through mtmd whole; a tiled one (LLaVA-NeXT) has
+each tile encoded by mtmd, the features packed as transformers packs them (models/llava_next.py),
+and the result decoded as embeddings — still one span. VisionChat is a conversation on top of this; a server or a batch
 worker can drive it directly. One KVSession is one sequence of the context (``seq``); a context
 made for several sequences has one KVSession each (runtime/batch.py decodes them together). Not
 thread-safe: the owner serialises calls."""
@@ -21,6 +23,7 @@ import numpy as np
 
 from .. import llama_log
 from ..errors import ContextFullError, ModelFilesError
+from ..models import llava_next
 from ..templates import MEDIA_MARKER
 from .generation import TurnStats
 from .images import PreparedImage
@@ -65,8 +68,9 @@ class KVSnapshot:
 
 
 class KVSession:
-    def __init__(self, llm, mctx, cancel: threading.Event, seq: int = 0):
+    def __init__(self, llm, mctx, cancel: threading.Event, seq: int = 0, image_newline: np.ndarray | None = None):
         self.llm, self.mctx, self.cancel, self.seq = llm, mctx, cancel, seq
+        self.image_newline = image_newline  # a tiled picture's end-of-row embedding (the mmproj's v.image_newline)
         self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._batch = TokenBatch(llm.n_batch)
         self.cache: list[Span] = []
@@ -76,7 +80,7 @@ class KVSession:
 
     def sibling(self, seq: int) -> "KVSession":
         """A session on another sequence of the same context, sharing what was learnt of the vocabulary."""
-        other = KVSession(self.llm, self.mctx, self.cancel, seq)
+        other = KVSession(self.llm, self.mctx, self.cancel, seq, self.image_newline)
         other._vocab_facts = self._vocab_facts
         return other
 
@@ -133,6 +137,10 @@ class KVSession:
                     tokens = self.tokenize_text(piece.text, piece.protected)
                 elif piece[0] == "tokens":
                     tokens = piece[1]
+                elif piece[1].layout is not None:  # a tiled picture: packed and evaluated here
+                    wanted.append(Span(("i", piece[1].digest), piece[1].n_tokens))
+                    sources.append(piece[1])
+                    continue
                 else:
                     chunks = self.tokenize_image(piece[1])
                     chunk_lists.append(chunks)
@@ -140,6 +148,8 @@ class KVSession:
                     continue
                 wanted += [Span(("t", t), 1) for t in tokens]
                 sources += [None] * len(tokens)
+            if self.add_bos and len(wanted) > 1 and wanted[1].key == ("t", self.bos):
+                del wanted[0], sources[0]  # the template wrote BOS itself (Pixtral's): one, as transformers has
             if not wanted:
                 raise ModelFilesError("the chat template rendered an empty prompt")
             need = sum(s.n_pos for s in wanted)
@@ -159,11 +169,14 @@ class KVSession:
 
     def tokenize_image(self, img: PreparedImage):
         """mtmd's chunks for one picture (its image chunk, and any text mtmd puts around it)."""
-        data = (ctypes.c_uint8 * len(img.rgb)).from_buffer_copy(img.rgb)
-        bitmap = mtmd.mtmd_bitmap_init(img.size, img.size, data)
+        return self._tokenize_pixels(img.rgb, *img.width_height, img.digest)
+
+    def _tokenize_pixels(self, rgb: bytes, width: int, height: int, digest: str):
+        data = (ctypes.c_uint8 * len(rgb)).from_buffer_copy(rgb)
+        bitmap = mtmd.mtmd_bitmap_init(width, height, data)
         chunks = mtmd.mtmd_input_chunks_init()
         try:
-            mtmd.mtmd_bitmap_set_id(bitmap, img.digest.encode())
+            mtmd.mtmd_bitmap_set_id(bitmap, digest.encode())
             marker = MEDIA_MARKER.encode()
             inp = mtmd.mtmd_input_text(text=marker, text_len=len(marker), add_special=False, parse_special=True)
             array = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
@@ -251,7 +264,10 @@ class KVSession:
                 continue
             self.decode_text(pending, stats)
             pending = []
-            self._decode_image(chunk, span, stats)
+            if isinstance(chunk, PreparedImage):
+                self._decode_tiled(chunk, span, stats)
+            else:
+                self._decode_image(chunk, span, stats)
         self.decode_text(pending, stats)
 
     def decode_text(self, spans: list[Span], stats: TurnStats) -> None:
@@ -296,9 +312,48 @@ class KVSession:
         self.truncate(len(self.cache))  # drop whatever part of the batch did land
         raise decode_error(status, self.cancel.is_set(), self.n_ctx)
 
+    def _decode_tiled(self, image: PreparedImage, span: Span, stats: TurnStats) -> None:
+        """A tiled picture: its packed features decoded as embeddings at the next positions."""
+        embeddings = self.encode_image(image)
+        rows = self.llm.n_batch
+        batch = llama_cpp.llama_batch_init(rows, embeddings.shape[1], 1)
+        try:
+            for start in range(0, len(embeddings), rows):
+                part = np.ascontiguousarray(embeddings[start:start + rows], dtype=np.float32)
+                ctypes.memmove(batch.embd, part.ctypes.data, part.nbytes)
+                for i in range(len(part)):
+                    batch.pos[i], batch.n_seq_id[i], batch.logits[i] = self.n_past + start + i, 1, False
+                    batch.seq_id[i][0] = self.seq
+                batch.logits[len(part) - 1] = start + len(part) == len(embeddings)  # fresh logits after the picture
+                batch.n_tokens = len(part)
+                status = llama_cpp.llama_decode(self.llm.ctx, batch)
+                if status != 0 or self.cancel.is_set():
+                    self.truncate(len(self.cache))  # drop the part of the picture that landed
+                    raise decode_error(status, self.cancel.is_set(), self.n_ctx)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        self.cache.append(span)
+        self.n_past += span.n_pos
+        stats.evaluated_positions += span.n_pos
+        stats.images_encoded += 1
+
     def encode_image(self, image: PreparedImage) -> np.ndarray:
-        """The image's projected tokens (n_tokens x n_embd, float32); the cache is untouched."""
-        chunks = self.tokenize_image(image)
+        """The image's projected tokens (n_tokens x n_embd, float32) as the language model receives
+        them — for a tiled picture, every tile encoded and the features packed; the cache is untouched."""
+        if image.layout is None:
+            return self._encode_pixels(image.rgb, *image.width_height, image.digest)
+        if self.image_newline is None:
+            raise ModelFilesError("a tiled picture needs the mmproj's v.image_newline, which was not loaded")
+        tiles = []
+        for i, rgb in enumerate((image.rgb,) + image.tiles):
+            if self.cancel.is_set():
+                raise Cancelled()
+            tiles.append(self._encode_pixels(rgb, image.size, image.size, f"{image.digest}/{i}"))
+        return llava_next.pack(np.stack(tiles), image.layout, self.image_newline)
+
+    def _encode_pixels(self, rgb: bytes, width: int, height: int, digest: str) -> np.ndarray:
+        """One picture through mtmd, at the size it was prepared to: its projected tokens."""
+        chunks = self._tokenize_pixels(rgb, width, height, digest)
         try:
             for i in range(mtmd.mtmd_input_chunks_size(chunks)):
                 chunk = mtmd.mtmd_input_chunks_get(chunks, i)

@@ -16,8 +16,6 @@ from .gguf_header import read_header
 from .images import PixelRecipe
 
 
-
-
 @dataclass(frozen=True)
 class ModelFiles:
     model: Path
@@ -165,4 +163,6 @@ def pixel_recipe(mmproj_fields: dict, path: Path) -> PixelRecipe:
     shortest = mmproj_fields.get("acestep_gguf.image.resize_shortest_edge", size)
     if shortest < size:
         raise ModelFilesError(f"{path}: acestep_gguf.image.resize_shortest_edge {shortest} is below image_size {size}")
-    return PixelRecipe(size, patch, shortest, mmproj_fields.get("acestep_gguf.image.resample", 3))
+    h = for_gguf(mmproj_fields, "vision").vision.gguf_hparams(mmproj_fields)
+    return PixelRecipe(size, patch, shortest, mmproj_fields.get("acestep_gguf.image.resample", 3),
+                       tuple(h.get("pinpoints", ())), h.get("longest_edge", 0))

@@ -43,6 +43,7 @@ class ModelShape:
     v_embd: int
     v_ff: int
     v_head: int
+    image_tokens: int = 0  # the most context positions one picture takes (its tower's worst case)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class OffloadPlan:
     headroom_bytes: int
     n_ctx: int
     reason: str
+    image_tokens: int = 0  # the most context positions one picture takes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,18 +123,18 @@ def shape_from_headers(lm, mp) -> ModelShape:
             other[t.name] = t.n_bytes
     n_head, n_embd = int(f[f"{arch}.attention.head_count"]), int(f[f"{arch}.embedding_length"])
     n_vocab = next(t.shape[1] for t in lm.tensors if t.name == "token_embd.weight")
-    v = {"bytes": 0, "n_pos": 0, "embd": 0, "ff": 0, "head": 0}
+    v = {"bytes": 0, "n_pos": 0, "embd": 0, "ff": 0, "head": 0, "tokens": 0}
     if mp is not None:
         g = mp.fields
-        family = for_gguf(g, "vision")
-        size, patch = int(g["clip.vision.image_size"]), int(g["clip.vision.patch_size"])
-        v = {"bytes": sum(t.n_bytes for t in mp.tensors), "n_pos": family.n_vision_positions(size, patch),
+        tower = for_gguf(g, "vision").vision
+        h = tower.gguf_hparams(g)
+        v = {"bytes": sum(t.n_bytes for t in mp.tensors), "n_pos": h["v_n_pos"],
              "embd": int(g["clip.vision.embedding_length"]), "ff": int(g["clip.vision.feed_forward_length"]),
-             "head": int(g["clip.vision.attention.head_count"])}
+             "head": int(g["clip.vision.attention.head_count"]), "tokens": tower.max_image_tokens(h)}
     return ModelShape(layers, other, n_head, int(f.get(f"{arch}.attention.head_count_kv", n_head)),
                       int(f.get(f"{arch}.attention.key_length", n_embd // n_head)), n_embd,
                       int(f[f"{arch}.feed_forward_length"]), n_vocab,
-                      v["bytes"], v["n_pos"], v["embd"], v["ff"], v["head"])
+                      v["bytes"], v["n_pos"], v["embd"], v["ff"], v["head"], v["tokens"])
 
 
 def shape_from_preset(preset: str, quant: str, mmproj_quant: str = "F16") -> ModelShape:
@@ -144,10 +146,10 @@ def shape_from_preset(preset: str, quant: str, mmproj_quant: str = "F16") -> Mod
         raise OptionError(f"--mmproj-quant {mmproj_quant}: choose from {', '.join(VISION_TYPES)}")
     p = PRESETS[preset]
     layers, other = language_tensor_bytes(p, quant)
+    tower = by_name(p["family"]).vision
     return ModelShape(layers, other, p["n_head"], p["n_head_kv"], p["head_dim"], p["n_embd"], p["n_ff"], p["n_vocab"],
-                      mmproj_bytes(p, mmproj_quant), by_name(p["family"]).n_vision_positions(p["v_image"], p["v_patch"]),
-                      p["v_embd"], p["v_ff"],
-                      p["v_head"])
+                      mmproj_bytes(p, mmproj_quant), tower.n_tile_positions(p["v_image"], p["v_patch"]),
+                      p["v_embd"], p["v_ff"], p["v_head"], tower.max_image_tokens(p))
 
 
 def compute_bytes(s: ModelShape, n_ctx: int) -> int:
@@ -200,7 +202,7 @@ def plan(s: ModelShape, vram: int, n_ctx: int, gpu_available: bool = True,
         kv_cache_bytes=kv_layer * n_gpu, kv_cache_total_bytes=kv_layer * n_layer,
         mmproj_bytes=s.mmproj_bytes, mmproj_compute_bytes=mmproj_compute_bytes(s),
         compute_bytes=compute_bytes(s, n_ctx), margin_bytes=margin, vram_budget_bytes=vram,
-        headroom_bytes=vram - (used if on_gpu else 0), n_ctx=n_ctx, reason=reason)
+        headroom_bytes=vram - (used if on_gpu else 0), n_ctx=n_ctx, reason=reason, image_tokens=s.image_tokens)
 
 
 def best_fit(shape_of: Callable[[str], ModelShape], types: Sequence[str], vram: int, n_ctx: int,

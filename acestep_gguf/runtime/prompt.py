@@ -52,7 +52,7 @@ def render_prompt(template: jinja2.Template, style: ImageStyle, messages: list[d
         if splice and m["role"] == "assistant" and m.get("tokens") is not None:
             content = [{"type": "text", "text": f"\x00reply{len(replies)}\x00"}]
             replies.append(m["tokens"])
-        rendered.append({"role": m["role"], "content": content})
+        rendered.append({"role": m["role"], "content": style.message_content(content)})
     try:
         text = render(template, messages=rendered, add_generation_prompt=True, bos_token=bos_token, eos_token=eos_token)
     except TemplateFailed as e:

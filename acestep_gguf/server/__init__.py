@@ -124,7 +124,7 @@ def load_engine(folder: Path, quant: str | None, *, n_ctx: int, n_threads: int, 
     identity = f"{[(f.file, f.sha256) for f in used]}:{n_ctx}" + (f":{cache.k}:{cache.v}" if cache.quantized else "")
     model_id = hashlib.sha256(identity.encode()).hexdigest()[:16]
     store = StateStore(cache_size, Path(cache_dir) if cache_dir is not None else None, model_id,
-                       StateLimits(chat.n_ctx, chat.n_vocab, chat.image_size))
+                       StateLimits(chat.n_ctx, chat.n_vocab, chat.pixel_recipe))
     engine = Engine(chat, store, manifest.name)
     engine.n_ctx, engine.digest = n_ctx, model_id
     engine.details = {"format": "gguf", "family": manifest.source.get("family", ""), "families": None,

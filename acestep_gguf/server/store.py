@@ -25,7 +25,8 @@ from pathlib import Path
 from ..errors import ModelFilesError
 from ..files import open_regular
 from ..runtime.chat import ChatState
-from ..runtime.images import PreparedImage
+from ..models.llava_next import MAX_TILES, AnyresLayout
+from ..runtime.images import MAX_PIXELS, PixelRecipe, PreparedImage
 from ..runtime.kv_session import KVSnapshot
 
 MAGIC = b"ACESTEP-KV1\n"
@@ -35,8 +36,8 @@ log = logging.getLogger("acestep_gguf.server")
 class StateLimits:
     """What a restored state must fit: the model's vocabulary and the server's context."""
 
-    def __init__(self, n_ctx: int, n_vocab: int, image_size: int):
-        self.n_ctx, self.n_vocab, self.image_size = n_ctx, n_vocab, image_size
+    def __init__(self, n_ctx: int, n_vocab: int, recipe: PixelRecipe):
+        self.n_ctx, self.n_vocab, self.recipe = n_ctx, n_vocab, recipe
 
     def problem(self, state: ChatState) -> str | None:
         kv = state.kv
@@ -59,12 +60,34 @@ class StateLimits:
                 return "a message without a known role"
             for part in m["content"]:
                 image = part.get("image")
-                if image is not None and (image.size != self.image_size or len(image.rgb) != 3 * image.size ** 2):
+                if image is not None and not self._fits(image):
                     return "a picture of the wrong size"
             tokens = m.get("tokens")
             if tokens is not None and not all(0 <= t < self.n_vocab for t in tokens):
                 return "a reply token outside the vocabulary"
         return None
+
+
+    def _fits(self, image: PreparedImage) -> bool:
+        """Pixels of the model's tile size, and for a tiled picture the very layout its size gives."""
+        size, tile_bytes = self.recipe.image_size, 3 * self.recipe.image_size ** 2
+        if self.recipe.longest_edge or image.shape:
+            return self._fits_native(image)
+        if image.size != size or any(len(rgb) != tile_bytes for rgb in (image.rgb,) + image.tiles):
+            return False
+        if not self.recipe.pinpoints or image.layout is None:
+            return not self.recipe.pinpoints and image.layout is None and not image.tiles
+        where = image.layout
+        ok = type(where.height) is int and type(where.width) is int and 0 < where.height * where.width <= MAX_PIXELS
+        return ok and self.recipe.layout(where.height, where.width) == where and len(image.tiles) == where.rows * where.cols
+
+
+    def _fits_native(self, image: PreparedImage) -> bool:
+        r = self.recipe
+        shape = image.shape
+        ok = (r.longest_edge and isinstance(shape, tuple) and len(shape) == 2 and not image.tiles and image.layout is None
+              and all(type(s) is int and 0 < s <= r.longest_edge and s % r.patch_size == 0 for s in shape))
+        return bool(ok) and image.size == r.image_size and len(image.rgb) == 3 * shape[0] * shape[1]
 
 
 def _open_state(path: Path):
@@ -249,8 +272,7 @@ def _plain(state: ChatState) -> bytes:
 
     messages = []
     for m in state.messages:
-        content = [{"type": "image", "rgb": blob(p["image"].rgb), "size": p["image"].size, "digest": p["image"].digest,
-                    "label": p["image"].label} if p["type"] == "image" else {"type": "text", "text": p["text"]}
+        content = [_plain_image(p["image"], blob) if p["type"] == "image" else {"type": "text", "text": p["text"]}
                    for p in m["content"]]
         messages.append({"role": m["role"], "content": content, "tokens": m.get("tokens")})
     doc = json.dumps({"messages": messages, "spans": [[list(k), n] for k, n in state.kv.spans],
@@ -270,7 +292,7 @@ def _from_plain(payload: bytes) -> ChatState:
 
     messages = []
     for m in doc["messages"]:
-        content = [{"type": "image", "image": PreparedImage(blob(p["rgb"]), int(p["size"]), str(p["digest"]), str(p["label"]))}
+        content = [{"type": "image", "image": _image_from_plain(p, blob)}
                    if p["type"] == "image" else {"type": "text", "text": str(p["text"])} for p in m["content"]]
         message = {"role": str(m["role"]), "content": content}
         if m.get("tokens") is not None:
@@ -278,3 +300,23 @@ def _from_plain(payload: bytes) -> ChatState:
         messages.append(message)
     spans = tuple((tuple(k), int(n)) for k, n in doc["spans"])
     return ChatState(messages, KVSnapshot(spans, int(doc["n_past"]), blob(doc["kv"])))
+
+
+def _plain_image(image: PreparedImage, blob) -> dict:
+    where = image.layout
+    return {"type": "image", "rgb": blob(image.rgb), "size": image.size, "digest": image.digest, "label": image.label,
+            "tiles": [blob(rgb) for rgb in image.tiles], "shape": list(image.shape),
+            "layout": None if where is None else [where.height, where.width, where.rows, where.cols, where.side,
+                                                  *where.keep_rows, *where.keep_cols]}
+
+
+def _image_from_plain(p: dict, blob) -> PreparedImage:
+    """A picture read back; StateLimits checks it against the model before use."""
+    tiles, where = p.get("tiles") or [], p.get("layout")
+    if len(tiles) > MAX_TILES:
+        raise ValueError("too many tiles")
+    layout = None if where is None else AnyresLayout(*[int(v) for v in where[:5]], (int(where[5]), int(where[6])),
+                                                     (int(where[7]), int(where[8])))
+    shape = tuple(int(s) for s in p.get("shape") or ())
+    return PreparedImage(blob(p["rgb"]), int(p["size"]), str(p["digest"]), str(p["label"]),
+                         tuple(blob(t) for t in tiles), layout, shape)
