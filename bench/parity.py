@@ -60,44 +60,25 @@ def llava_next_family() -> None:
     import test_llava_next as t
     from spm_vocab import llama_tokenizer_json
     from tokenizers import Tokenizer
-    from transformers import LlamaTokenizerFast, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import LlavaNextForConditionalGeneration
     spm = Tokenizer.from_str(json.dumps(llama_tokenizer_json()))
     model = build_model(t.tiny_next_config(spm), cls=LlavaNextForConditionalGeneration)
     work = Path(tempfile.mkdtemp())
     ckpt = save_checkpoint(model, spm, work / "ckpt", style="hub4", shards=2, preprocessor=t.PREPROCESSOR,
                            tokenizer_config={**LLAMA_TOKENIZER_CONFIG, "chat_template": t.MISTRAL_NEXT_TEMPLATE})
     convert(ckpt, out=work / "out", quant="F16,Q8_0", name="p")
-    tokenizer = LlamaTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<pad>", add_bos_token=True, legacy=True)
-    processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessor(**t.PREPROCESSOR), tokenizer=tokenizer,
-                                   patch_size=t.PATCH, vision_feature_select_strategy="default", image_token="<image>",
-                                   num_additional_image_tokens=1, chat_template=t.MISTRAL_NEXT_TEMPLATE)
-    print("| file | picture (w x h) | positions (ours / transformers) | same top-1 | max abs Δ log-prob over "
-          "transformers' top-10 | another picture moves it by |\n|---|---|---|---|---|---|")
-    for quant in ("F16", "Q8_0"):
-        with VisionChat.load(work / "out", quant=quant, n_ctx=2048, n_gpu_layers=0) as chat:
-            for name in [None, *t.SHAPES]:
-                image = t.picture(name) if name else None
-                ref, n_prompt = t.reference(model, processor, image)
-                chat.reset()
-                got = chat.next_token_logprobs(t.QUESTION, images=[image] if image else [])
-                shape = f"{name} {t.SHAPES[name][0]}x{t.SHAPES[name][1]}" if name else "none (text only)"
-                other = ""
-                if name:
-                    alt, _ = t.reference(model, processor, t.picture("wide" if name != "wide" else "tall"))
-                    other = f"{top10_gap(ref, alt):.1e}"
-                print(f"| {quant} | {shape} | {chat.last_turn.prompt_positions} / {n_prompt} | "
-                      f"{got.argmax() == ref.argmax()} | {top10_gap(ref, got):.1e} | {other} |")
-        with VisionChat.load(work / "out", quant="F16", n_ctx=2048, n_gpu_layers=0) as chat:
-            worst = 0.0
-            for name in t.SHAPES:
-                inputs = processor(images=[t.picture(name)], text="<image>", return_tensors="pt")
-                with torch.no_grad():
-                    out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
-                                                         vision_feature_layer=-2, vision_feature_select_strategy="default")
-                ref = torch.cat(list(out.pooler_output)).numpy()
-                got = chat.encode_image(t.picture(name))
-                worst = max(worst, float(np.abs(got - ref).max() / np.abs(ref).max()))
+    processor = t.processor.__wrapped__((model, ckpt, work / "out"))  # the test's: the checkpoint's own pieces
+    shape_rows(t, model, processor, work / "out", n_ctx=2048)
+    with VisionChat.load(work / "out", quant="F16", n_ctx=2048, n_gpu_layers=0) as chat:
+        worst = 0.0
+        for name in t.SHAPES:
+            inputs = processor(images=[t.picture(name)], text="<image>", return_tensors="pt")
+            with torch.no_grad():
+                out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"],
+                                                     vision_feature_layer=-2, vision_feature_select_strategy="default")
+            ref = torch.cat(list(out.pooler_output)).numpy()
+            got = chat.encode_image(t.picture(name))
+            worst = max(worst, float(np.abs(got - ref).max() / np.abs(ref).max()))
     print(f"\npacked image features (F16, all shapes): max |Δ| / max |feature| = {worst:.1e}")
 
 
@@ -111,20 +92,25 @@ def pixtral_family() -> None:
                            preprocessor=t.PREPROCESSOR)
     convert(ckpt, out=work / "out", quant="F16,Q8_0", name="p")
     processor = t.processor.__wrapped__((model, ckpt, work / "out"))
+    shape_rows(t, model, processor, work / "out", n_ctx=1024)
+
+
+def shape_rows(t, model, processor, folder: Path, n_ctx: int) -> None:
+    """One table row per file and picture shape of test module ``t`` (its SHAPES, picture, reference)."""
     print("| file | picture (w x h) | positions (ours / transformers) | same top-1 | max abs Δ log-prob over "
           "transformers' top-10 | another picture moves it by |\n|---|---|---|---|---|---|")
     for quant in ("F16", "Q8_0"):
-        with VisionChat.load(work / "out", quant=quant, n_ctx=1024, n_gpu_layers=0) as chat:
+        with VisionChat.load(folder, quant=quant, n_ctx=n_ctx, n_gpu_layers=0) as chat:
             for name in [None, *t.SHAPES]:
                 image = t.picture(name) if name else None
                 ref, n_prompt = t.reference(model, processor, image)
                 chat.reset()
                 got = chat.next_token_logprobs(t.QUESTION, images=[image] if image else [])
                 shape = f"{name} {t.SHAPES[name][0]}x{t.SHAPES[name][1]}" if name else "none (text only)"
-                other = f"{top10_gap(ref, t.reference(model, processor, t.picture('tall' if name != 'tall' else 'wide'))[0]):.1e}" \
-                    if name else ""
+                other = t.reference(model, processor, t.picture("tall" if name != "tall" else "wide"))[0] if name else None
+                moved = f"{top10_gap(ref, other):.1e}" if name else ""
                 print(f"| {quant} | {shape} | {chat.last_turn.prompt_positions} / {n_prompt} | "
-                      f"{got.argmax() == ref.argmax()} | {top10_gap(ref, got):.1e} | {other} |")
+                      f"{got.argmax() == ref.argmax()} | {top10_gap(ref, got):.1e} | {moved} |")
 
 
 def main() -> None:

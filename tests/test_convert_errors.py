@@ -66,7 +66,7 @@ def test_pickle_checkpoints_are_refused(tmp_path):
       "text_config": {"model_type": "gemma"}, "vision_config": {"model_type": "clip_vision_model"}},
      "text_config.model_type 'gemma'"),
     ({"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-      "vision_config": {"model_type": "pixtral"}, "text_config": {"model_type": "mistral"}}, "Pixtral's vision tower"),
+      "vision_config": {"model_type": "pixtral"}, "text_config": {"model_type": "mistral"}}, "must be 'full' for a Pixtral tower"),
 ])
 def test_other_architectures_are_refused_by_name(tmp_path, fresh_checkpoint, config, needle):
     ckpt = fresh_checkpoint()

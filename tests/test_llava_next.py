@@ -159,7 +159,7 @@ def test_image_positions_and_logprobs_match_transformers(case, processor, chat, 
     assert got.argmax() == expected.argmax()
     assert top10_gap(expected, got) < IMAGE_BOUND
     # the bound is meaningful: another picture moves the same distribution by far more
-    other, _ = reference(model, processor, picture("wide" if name != "wide" else "tall"))
+    other, _ = reference(model, processor, picture("tall" if name != "tall" else "wide"))
     assert top10_gap(expected, other) > 5 * top10_gap(expected, got)
 
 
@@ -348,3 +348,37 @@ def test_llama_cpps_own_preprocessing_loads_the_mmproj_and_approximates(chat):
     ours = llava_next.layout(image.height, image.width, PINPOINTS, TILE, PATCH).n_tokens
     assert theirs == 16 * (1 + 3)  # overview + the 168x56 pinpoint's three tiles, nothing unpadded or added
     assert ours == 16 + 4 * (10 + 1)  # transformers: overview + 4 rows of 10 kept columns, each with a newline
+
+
+@needs_patched_build
+def test_a_qwen2_llava_next_matches_transformers(tmp_path, tokenizer):
+    """llava_next_qwen2: the same tiling over a Qwen2 language model (byte-level BPE, ChatML-style
+    template with image parts), against transformers' processor and model."""
+    from builders import HF_TEMPLATE
+    from transformers import PreTrainedTokenizerFast, Qwen2Config
+    text = Qwen2Config(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                       eos_token_id=tokenizer.token_to_id("<|im_end|>"), bos_token_id=None)
+    config = LlavaNextConfig(
+        text_config=text, vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                         num_attention_heads=2, image_size=TILE, patch_size=PATCH),
+        image_token_index=tokenizer.token_to_id("<image>"), image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    model = build_model(config, cls=LlavaNextForConditionalGeneration)
+    ckpt = save_checkpoint(model, tokenizer, tmp_path / "qwen-next", preprocessor=PREPROCESSOR)
+    manifest = convert(ckpt, out=tmp_path / "gguf", quant="F16", name="q")
+    assert manifest.source["family"] == "llava_next_qwen2"
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"), eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    processor = LlavaNextProcessor(image_processor=LlavaNextImageProcessor(**PREPROCESSOR), tokenizer=fast,
+                                   patch_size=PATCH, vision_feature_select_strategy="default", image_token="<image>",
+                                   num_additional_image_tokens=1, chat_template=HF_TEMPLATE)
+    with VisionChat.load(tmp_path / "gguf", quant="F16", n_ctx=1024, n_gpu_layers=0) as chat:
+        for name in ("wide", "tall"):
+            expected, n_prompt = reference(model, processor, picture(name))
+            chat.reset()
+            got = chat.next_token_logprobs(QUESTION, images=[picture(name)])
+            assert chat.last_turn.prompt_positions == n_prompt
+            assert got[:len(expected)].argmax() == expected.argmax()
+            assert top10_gap(expected, got) < IMAGE_BOUND

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import acestep_gguf
 from acestep_gguf import convert
-from acestep_gguf.models import llava_next, registry
+from acestep_gguf.models import llava_next, pixtral, registry
 from acestep_gguf.models.clip import CLIP
 
 DEMO = Path(acestep_gguf.__file__).parent / "demo_model"
@@ -27,12 +27,16 @@ def test_the_existing_family_writes_the_same_bytes(tmp_path):
 def test_each_family_is_a_language_model_plus_a_tower():
     towers = {f.name: f.vision for f in registry.FAMILIES}
     assert towers == {"llava_qwen2": CLIP, "llava_llama": CLIP, "llava_next_llama": llava_next.ANYRES_CLIP,
-                      "llava_next_qwen2": llava_next.ANYRES_CLIP}
+                      "llava_next_qwen2": llava_next.ANYRES_CLIP, "llava_pixtral": pixtral.PIXTRAL}
     # an mmproj names no language model: its tower is found from its own keys
     plain = {"clip.projector_type": "mlp"}
     tiled = {**plain, "clip.vision.image_grid_pinpoints": [672, 336]}
     assert registry.for_gguf(plain, "vision").vision is CLIP
     assert registry.for_gguf(tiled, "vision").vision is llava_next.ANYRES_CLIP
+    assert registry.for_gguf({"clip.projector_type": "pixtral"}, "vision").vision is pixtral.PIXTRAL
+    # a language file is found by architecture and vocabulary: llama.cpp's `llama` with SentencePiece or BPE
+    assert registry.for_gguf({"general.architecture": "llama", "tokenizer.ggml.model": "llama"}, "language").name == "llava_llama"
+    assert registry.for_gguf({"general.architecture": "llama", "tokenizer.ggml.model": "gpt2"}, "language").name == "llava_pixtral"
 
 
 def test_towers_count_positions_per_picture():
@@ -44,3 +48,51 @@ def test_towers_count_positions_per_picture():
     # ties go to the first pinpoint; pictures within one tile still use a pinpoint (here 336x672)
     assert llava_next.select_best_resolution(336, 336, h["pinpoints"]) == (336, 672)
     assert llava_next.select_best_resolution(100, 1000, h["pinpoints"]) == (336, 1008)
+
+
+def test_pixtral_sizes_a_photo_as_transformers_does():
+    """PixtralImageProcessor: 1000x750 stays (no side over 1024) and rounds up to 1008x752 — 63x47
+    patches, 46 [IMG_BREAK]s and an [IMG_END]: 3008 positions (llama.cpp's own sizing gives 999)."""
+    from acestep_gguf.runtime.images import native_size
+    assert native_size(1000, 750, 1024, 16) == (1008, 752)
+    assert 63 * 47 + 46 + 1 == 3008
+    assert native_size(3000, 1000, 1024, 16) == (1024, 352)  # floor(1000 / 2.93) = 341 -> 22 patches
+    assert native_size(5, 3, 1024, 16) == (16, 16)
+    assert pixtral.PIXTRAL.max_image_tokens({"v_image": 1024, "v_patch": 16}) == 64 * 64 + 64
+
+
+def _saved_and_read_back(tmp_path, image, recipe):
+    """A conversation holding ``image`` stored by the server's state store, read back by a fresh store."""
+    from acestep_gguf.runtime.chat import ChatState
+    from acestep_gguf.runtime.kv_session import KVSnapshot
+    from acestep_gguf.server.store import StateLimits, StateStore
+    limits = StateLimits(4096, 100, recipe)
+    state = ChatState([{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}]}],
+                      KVSnapshot(((("i", image.digest), 30), (("t", 5), 1)), 31, b"kv-bytes"))
+    StateStore(1 << 20, tmp_path, "m", limits).put(("k1",), state)
+    found = StateStore(1 << 20, tmp_path, "m", limits).best(("k1",), 0)
+    return found[1].messages[0]["content"][0]["image"] if found else None
+
+
+def test_the_state_store_keeps_tiled_and_native_pictures(tmp_path):
+    """Saved conversations (serve's --cache-dir) hold a picture's tiles and layout, or its own size, and
+    a state whose picture does not fit the model's recipe is dropped, not restored."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from acestep_gguf.runtime.images import PixelRecipe, prepare
+    tiled = PixelRecipe(56, 14, 56, 3, ((56, 112), (112, 56), (112, 112)))
+    native = PixelRecipe(64, 16, 64, 3, (), 64)
+    photo = Image.new("RGB", (150, 60), (10, 120, 200))
+    for n, recipe in enumerate((tiled, native)):
+        image = prepare(photo, recipe)
+        back = _saved_and_read_back(tmp_path / f"ok{n}", image, recipe)
+        assert back == image and (back.tiles or back.shape)
+    bad_layout = replace(prepare(photo, tiled), layout=replace(prepare(photo, tiled).layout, keep_rows=(0, 1)))
+    assert _saved_and_read_back(tmp_path / "bad1", bad_layout, tiled) is None
+    bad_shape = replace(prepare(photo, native), shape=(48, 48))
+    assert _saved_and_read_back(tmp_path / "bad2", bad_shape, native) is None
+    # a square picture offered to a tiled model's store is refused too
+    square = prepare(photo, PixelRecipe(56, 14, 56))
+    assert _saved_and_read_back(tmp_path / "bad3", square, tiled) is None

@@ -138,18 +138,7 @@ class ClipTower:
 
     def metadata(self, h: dict) -> list[MetadataEntry]:
         """clip.* keys of the mmproj GGUF, plus the pixel recipe the runtime applies before llama.cpp."""
-        entries = [
-            MetadataEntry(Keys.Clip.PROJECTOR_TYPE, self.projector_type, T.STRING),
-            MetadataEntry(Keys.Clip.HAS_VISION_ENCODER, True, T.BOOL),
-            MetadataEntry("clip.has_text_encoder", False, T.BOOL),
-            MetadataEntry(V.IMAGE_SIZE, h["v_image"], T.UINT32),
-            MetadataEntry(V.PATCH_SIZE, h["v_patch"], T.UINT32),
-            MetadataEntry(V.EMBEDDING_LENGTH, h["v_embd"], T.UINT32),
-            MetadataEntry(V.FEED_FORWARD_LENGTH, h["v_ff"], T.UINT32),
-            MetadataEntry(V.PROJECTION_DIM, h["n_embd"], T.UINT32),
-            MetadataEntry(V.BLOCK_COUNT, h["v_feature_layer"], T.UINT32),
-            MetadataEntry(A.HEAD_COUNT, h["v_head"], T.UINT32),
-            MetadataEntry(A.LAYERNORM_EPS, h["v_eps"], T.FLOAT32),
+        entries = tower_metadata(self.projector_type, h) + [
             # llama.cpp otherwise skips the last written layer; this makes it run all of them.
             MetadataEntry("clip.vision.feature_layer", [h["v_feature_layer"]], T.ARRAY, T.INT32),
             MetadataEntry(V.IMAGE_MEAN, h["image_mean"], T.ARRAY, T.FLOAT32),
@@ -190,9 +179,7 @@ class ClipTower:
 
     def gguf_hparams(self, fields: dict) -> dict:
         """The hyper-parameters ``tensors`` needs, read back from a checked mmproj."""
-        h = {"n_embd": fields[V.PROJECTION_DIM], "v_embd": fields[V.EMBEDDING_LENGTH],
-             "v_ff": fields[V.FEED_FORWARD_LENGTH], "v_head": fields[A.HEAD_COUNT],
-             "v_image": fields[V.IMAGE_SIZE], "v_patch": fields[V.PATCH_SIZE], "v_feature_layer": fields[V.BLOCK_COUNT]}
+        h = tower_gguf_hparams(fields)
         h["v_n_pos"] = self.n_tile_positions(h["v_image"], h["v_patch"])
         return h
 
@@ -207,6 +194,30 @@ class ClipTower:
              "clip.vision.feature_layer is outside the written layers"),
         ]
         return [message for bad, message in checks if bad]
+
+
+def tower_metadata(projector_type: str, h: dict) -> list[MetadataEntry]:
+    """The clip.* keys every tower writes: its projector, shape and norm epsilon (``v_eps``)."""
+    return [
+        MetadataEntry(Keys.Clip.PROJECTOR_TYPE, projector_type, T.STRING),
+        MetadataEntry(Keys.Clip.HAS_VISION_ENCODER, True, T.BOOL),
+        MetadataEntry("clip.has_text_encoder", False, T.BOOL),
+        MetadataEntry(V.IMAGE_SIZE, h["v_image"], T.UINT32),
+        MetadataEntry(V.PATCH_SIZE, h["v_patch"], T.UINT32),
+        MetadataEntry(V.EMBEDDING_LENGTH, h["v_embd"], T.UINT32),
+        MetadataEntry(V.FEED_FORWARD_LENGTH, h["v_ff"], T.UINT32),
+        MetadataEntry(V.PROJECTION_DIM, h["n_embd"], T.UINT32),
+        MetadataEntry(V.BLOCK_COUNT, h["v_feature_layer"], T.UINT32),
+        MetadataEntry(A.HEAD_COUNT, h["v_head"], T.UINT32),
+        MetadataEntry(A.LAYERNORM_EPS, h["v_eps"], T.FLOAT32),
+    ]
+
+
+def tower_gguf_hparams(fields: dict) -> dict:
+    """What every tower's tensor table needs, read back from a checked mmproj."""
+    return {"n_embd": fields[V.PROJECTION_DIM], "v_embd": fields[V.EMBEDDING_LENGTH],
+            "v_ff": fields[V.FEED_FORWARD_LENGTH], "v_head": fields[A.HEAD_COUNT],
+            "v_image": fields[V.IMAGE_SIZE], "v_patch": fields[V.PATCH_SIZE], "v_feature_layer": fields[V.BLOCK_COUNT]}
 
 
 def _vision_hparams(vision: Fields, top: Fields) -> dict:

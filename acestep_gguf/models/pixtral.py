@@ -22,7 +22,8 @@ from gguf import Keys
 
 from ..errors import ConfigError
 from ..quant_types import tensor_bytes
-from .clip import CLIP_MEAN, CLIP_STD, PIL_BICUBIC, REPLACEMENTS, RESAMPLE_KEY, VISION_KEYS, Fields, tn
+from .clip import (CLIP_MEAN, CLIP_STD, PIL_BICUBIC, REPLACEMENTS, RESAMPLE_KEY, VISION_KEYS, Fields, tn,
+                   tower_gguf_hparams, tower_metadata)
 from .family import Family, LanguageModel
 from .fields import MAX_HEADS, MAX_IMAGE, MAX_LAYERS, MAX_WIDTH
 from .llava_llama import MISTRAL_DEFAULTS
@@ -114,6 +115,7 @@ class PixtralTower:
         if top.boolean("multimodal_projector_bias", True) is False:
             raise ConfigError("config.json: multimodal_projector_bias false is not supported")
         h["v_n_pos"] = self.n_tile_positions(h["v_image"], h["v_patch"])
+        h["v_eps"] = RMS_EPS
         h["img_break"] = _token_id(tokenizer or {}, IMG_BREAK)
         h.update(_preprocessing(preprocessor, h["v_image"], h["v_patch"]))
         return h
@@ -130,19 +132,8 @@ class PixtralTower:
                 for bid in range(h["v_feature_layer"], h["v_n_layer"]) for source, _, _ in VISION_BLOCK]
 
     def metadata(self, h: dict) -> list[MetadataEntry]:
-        V, A = Keys.ClipVision, Keys.ClipVision.Attention
-        return [
-            MetadataEntry(Keys.Clip.PROJECTOR_TYPE, self.projector_type, T.STRING),
-            MetadataEntry(Keys.Clip.HAS_VISION_ENCODER, True, T.BOOL),
-            MetadataEntry("clip.has_text_encoder", False, T.BOOL),
-            MetadataEntry(V.IMAGE_SIZE, h["v_image"], T.UINT32),
-            MetadataEntry(V.PATCH_SIZE, h["v_patch"], T.UINT32),
-            MetadataEntry(V.EMBEDDING_LENGTH, h["v_embd"], T.UINT32),
-            MetadataEntry(V.FEED_FORWARD_LENGTH, h["v_ff"], T.UINT32),
-            MetadataEntry(V.PROJECTION_DIM, h["n_embd"], T.UINT32),
-            MetadataEntry(V.BLOCK_COUNT, h["v_feature_layer"], T.UINT32),
-            MetadataEntry(A.HEAD_COUNT, h["v_head"], T.UINT32),
-            MetadataEntry(A.LAYERNORM_EPS, RMS_EPS, T.FLOAT32),
+        V = Keys.ClipVision
+        return tower_metadata(self.projector_type, h) + [
             MetadataEntry(V.IMAGE_MEAN, h["image_mean"], T.ARRAY, T.FLOAT32),
             MetadataEntry(V.IMAGE_STD, h["image_std"], T.ARRAY, T.FLOAT32),
             MetadataEntry(ACTIVATIONS[h["v_act"]], True, T.BOOL),
@@ -173,10 +164,7 @@ class PixtralTower:
         return fields.get(Keys.Clip.PROJECTOR_TYPE) == self.projector_type
 
     def gguf_hparams(self, fields: dict) -> dict:
-        V, A = Keys.ClipVision, Keys.ClipVision.Attention
-        h = {"n_embd": fields[V.PROJECTION_DIM], "v_embd": fields[V.EMBEDDING_LENGTH],
-             "v_ff": fields[V.FEED_FORWARD_LENGTH], "v_head": fields[A.HEAD_COUNT],
-             "v_image": fields[V.IMAGE_SIZE], "v_patch": fields[V.PATCH_SIZE], "v_feature_layer": fields[V.BLOCK_COUNT]}
+        h = tower_gguf_hparams(fields)
         h["longest_edge"] = fields.get(LONGEST_EDGE_KEY, h["v_image"])
         h["v_n_pos"] = self.n_tile_positions(h["v_image"], h["v_patch"])
         return h
