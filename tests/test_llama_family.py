@@ -6,6 +6,7 @@ equal to transformers' within the Qwen2 family's bounds."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -160,15 +161,17 @@ LLAVA_1_5_7B_CONFIG = {
 def test_the_published_llava_1_5_config_reads_as_transformers_reads_it():
     from acestep_gguf.models.registry import detect
     family = detect(LLAVA_1_5_7B_CONFIG)
-    h = family.hparams(LLAVA_1_5_7B_CONFIG, {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}})
+    hp = family.hparams(LLAVA_1_5_7B_CONFIG, {"crop_size": {"height": 336, "width": 336}, "size": {"shortest_edge": 336}})
+    h, v = hp.text, hp.vision
     assert family.name == "llava_llama"
-    assert (h["n_embd"], h["n_ff"], h["n_layer"], h["n_head"], h["n_head_kv"], h["n_vocab"]) == (4096, 11008, 32, 32, 32, 32064)
-    assert (h["max_pos"], h["rms_eps"], h["rope_theta"], h["tie_word_embeddings"]) == (4096, 1e-5, 10000.0, False)
-    assert (h["v_embd"], h["v_ff"], h["v_feature_layer"], h["v_image"], h["v_act"]) == (1024, 4096, 23, 336, "quick_gelu")
+    assert (h.n_embd, h.n_ff, h.n_layer, h.n_head, h.n_head_kv, h.n_vocab) == (4096, 11008, 32, 32, 32, 32064)
+    assert (h.max_pos, h.rms_eps, h.rope_theta, h.tie_word_embeddings) == (4096, 1e-5, 10000.0, False)
+    assert (v.v_embd, v.v_ff, v.v_feature_layer, v.v_image, v.v_act) == (1024, 4096, 23, 336, "quick_gelu")
     bakllava = {**LLAVA_1_5_7B_CONFIG, "text_config": {"model_type": "mistral", "vocab_size": 32002}}
-    h = detect(bakllava).hparams(bakllava, {})
-    assert (h["n_ff"], h["n_head_kv"], h["max_pos"]) == (14336, 8, 131072)  # MistralConfig's defaults
+    h = detect(bakllava).hparams(bakllava, {}).text
+    assert (h.n_ff, h.n_head_kv, h.max_pos) == (14336, 8, 131072)  # MistralConfig's defaults
     # the same shapes as the planner's card for it
     from acestep_gguf.models.presets import PRESETS
     card = PRESETS["llava-1.5-7b"]
-    assert (card["n_layer"], card["n_embd"], card["n_ff"], card["v_layer"]) == (h["n_layer"], 4096, 11008, 23)
+    assert card.text == replace(hp.text, max_pos=0, rms_eps=1e-6) and card.vision.v_feature_layer == v.v_feature_layer
+    assert (card.vision.v_embd, card.vision.v_ff, card.vision.n_embd) == (1024, 4096, 4096)

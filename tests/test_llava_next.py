@@ -250,7 +250,7 @@ def test_plan_presets_for_llava_1_6():
         result = cli("plan", "--preset", name, "--vram", "12GiB", "--ctx", "4096")
         assert result.exit_code == 0, result.stderr
         assert "one picture takes up to 2928 of the 4096 context positions" in result.stdout
-    assert PRESETS["llava-v1.6-34b"]["n_layer"] == 60
+    assert PRESETS["llava-v1.6-34b"].text.n_layer == 60
     small = cli("plan", "--preset", "llava-v1.6-mistral-7b", "--vram", "12GiB", "--ctx", "2048")
     assert "too small a --ctx for one picture" in small.stdout
 

@@ -17,6 +17,7 @@ from acestep_gguf.convert.one_pass import plan_types
 from acestep_gguf.convert.gguf_stream import OutTensor
 from acestep_gguf.convert.safetensors_file import SourceTensor
 from acestep_gguf.convert.tensor_types import quantizer_order
+from acestep_gguf.models.hparams import TextHParams
 from acestep_gguf.models.llava_llama import LLAMA
 from acestep_gguf.models.llava_qwen2 import QWEN2
 from acestep_gguf.quant_types import TYPES
@@ -121,7 +122,9 @@ def test_the_mirror_chooses_what_llama_cpp_chooses(arch, llama_cpp_choice):
         ordered = [by_name[n] for n in quantizer_order(list(by_name))]
         infos = [(t.gguf_name, tuple(reversed(t.source.shape)), t.out_type) for t in ordered]
         for quant in TYPES.values():
-            ours = plan_types(ordered, quant, n_layer, language.is_70b(h), heads // kv_heads)
+            shape = TextHParams(n_vocab=v, n_embd=e, n_ff=f, n_layer=n_layer, n_head=heads, n_head_kv=kv_heads,
+                                head_dim=e // heads)
+            ours = plan_types(ordered, quant, n_layer, language.is_70b(shape), heads // kv_heads)
             theirs = llama_cpp_choice.types(arch, h, infos, int(quant.file_type))
             wrong = [(t.gguf_name, a.name, b.name) for t, a, b in zip(ordered, ours, theirs) if a != b]
             assert not wrong, (arch, h, tied, quant.name, wrong[:3])

@@ -58,8 +58,8 @@ def transformers_reads(tmp_path, config: dict) -> dict:
 
 
 def we_read(config: dict) -> dict:
-    h = detect(config).hparams(config, {})
-    return {k: h[k] for k in ("rope_theta", "rope_scaling", "tie_word_embeddings", "head_dim", "n_head_kv", "n_embd",
+    h = detect(config).hparams(config, {}).text
+    return {k: getattr(h, k) for k in ("rope_theta", "rope_scaling", "tie_word_embeddings", "head_dim", "n_head_kv", "n_embd",
                               "max_pos", "sliding_window", "n_ff", "n_layer", "n_head", "n_vocab", "rms_eps")}
 
 

@@ -40,25 +40,27 @@ def test_each_family_is_a_language_model_plus_a_tower():
 
 
 def test_towers_count_positions_per_picture():
-    h = {"v_image": 336, "v_patch": 14, "pinpoints": [(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)]}
-    assert CLIP.max_image_tokens(h) == 576 and CLIP.n_tile_positions(336, 14) == 577
-    assert llava_next.ANYRES_CLIP.max_image_tokens(h) == 2928  # five tiles of 672x672, nothing unpadded
+    from acestep_gguf.models.presets import PRESETS
+    clip, tiled = PRESETS["llava-1.5-7b"].vision, PRESETS["llava-v1.6-mistral-7b"].vision
+    assert CLIP.max_image_tokens(clip) == 576 and CLIP.n_tile_positions(336, 14) == 577 == clip.v_n_pos
+    assert llava_next.ANYRES_CLIP.max_image_tokens(tiled) == 2928  # five tiles of 672x672, nothing unpadded
     # transformers' own figures for a 1000x750 photo: 2340 positions (llama.cpp's approximation: 2880)
-    assert llava_next.layout(750, 1000, h["pinpoints"], 336, 14).n_tokens == 2340
+    assert llava_next.layout(750, 1000, tiled.pinpoints, 336, 14).n_tokens == 2340
     # ties go to the first pinpoint; pictures within one tile still use a pinpoint (here 336x672)
-    assert llava_next.select_best_resolution(336, 336, h["pinpoints"]) == (336, 672)
-    assert llava_next.select_best_resolution(100, 1000, h["pinpoints"]) == (336, 1008)
+    assert llava_next.select_best_resolution(336, 336, tiled.pinpoints) == (336, 672)
+    assert llava_next.select_best_resolution(100, 1000, tiled.pinpoints) == (336, 1008)
 
 
 def test_pixtral_sizes_a_photo_as_transformers_does():
     """PixtralImageProcessor: 1000x750 stays (no side over 1024) and rounds up to 1008x752 — 63x47
     patches, 46 [IMG_BREAK]s and an [IMG_END]: 3008 positions (llama.cpp's own sizing gives 999)."""
+    from acestep_gguf.models.presets import PRESETS
     from acestep_gguf.runtime.images import native_size
     assert native_size(1000, 750, 1024, 16) == (1008, 752)
     assert 63 * 47 + 46 + 1 == 3008
     assert native_size(3000, 1000, 1024, 16) == (1024, 352)  # floor(1000 / 2.93) = 341 -> 22 patches
     assert native_size(5, 3, 1024, 16) == (16, 16)
-    assert pixtral.PIXTRAL.max_image_tokens({"v_image": 1024, "v_patch": 16}) == 64 * 64 + 64
+    assert pixtral.PIXTRAL.max_image_tokens(PRESETS["pixtral-12b"].vision) == 64 * 64 + 64
 
 
 def _saved_and_read_back(tmp_path, image, recipe):

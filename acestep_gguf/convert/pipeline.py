@@ -238,11 +238,11 @@ def _produce(role, jobs, plan, ckpt, name, files, partials, job: _Job) -> list:
         job.progress.phase(f"write {role} ({', '.join(t for t, _ in jobs)})", sum(t.source.nbytes for t in tensors),
                            "bytes")
         targets = [(TYPES[t], partials.path(file)) for t, file in jobs]
-        h = plan.hparams
+        h = plan.hparams.text
         written = [(w.path, w.sha256) for w in write_quantized(
-            targets, arch, metadata, tensors, files, n_layer=h["n_layer"],
+            targets, arch, metadata, tensors, files, n_layer=h.n_layer,
             is_70b=role == "language" and plan.family.language.is_70b(h), threads=job.threads, advance=advance,
-            n_gqa=h["n_head"] // h["n_head_kv"] if role == "language" else 1, imatrix=imatrix)]
+            n_gqa=h.n_head // h.n_head_kv if role == "language" else 1, imatrix=imatrix)]
     ready = []
     for (type_name, file), (partial, digest) in zip(jobs, written):
         verify(partial, arch, expected)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import TensorError
 from ..models.family import Family
+from ..models.hparams import HParams
 from ..models.spec import TensorSpec
 from .checkpoint import Checkpoint
 from .safetensors_file import NUMPY_VIEW, SourceTensor
@@ -20,7 +21,7 @@ class PlannedTensor:
 @dataclass
 class Plan:
     family: Family
-    hparams: dict
+    hparams: HParams
     language: list[PlannedTensor]
     vision: list[PlannedTensor]
     ignored: dict[str, str]  # stored source name -> reason

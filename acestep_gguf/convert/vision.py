@@ -26,6 +26,6 @@ def vision_file(plan: Plan, name: str) -> tuple[list[MetadataEntry], list[OutTen
     metadata = [MetadataEntry("general.type", "mmproj", T.STRING), MetadataEntry("general.name", f"mmproj-{name}", T.STRING),
                 MetadataEntry("general.size_label", size_label(sum(p.source.n_elements for p in plan.vision), 0, 0, 0),
                               T.STRING)]
-    metadata += plan.family.vision_metadata(plan.hparams)
+    metadata += plan.family.vision_metadata(plan.hparams.vision)
     tensors = [OutTensor(p.spec.gguf_name, p.source, _vision_type(p.spec.gguf_name, p.source)) for p in plan.vision]
     return metadata, tensors

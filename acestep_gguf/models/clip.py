@@ -7,6 +7,8 @@ language model; another encoder is another module like this one (llava_next.py e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from gguf import GGMLQuantizationType as Q
 from gguf import MODEL_TENSOR as MT
 from gguf import TENSOR_NAMES
@@ -16,6 +18,7 @@ from gguf import Keys
 from ..errors import ConfigError
 from ..quant_types import tensor_bytes
 from .fields import MAX_HEADS, MAX_IMAGE, MAX_LAYERS, MAX_WIDTH, Fields
+from .hparams import VisionHParams
 from .spec import Ignored, MetadataEntry, TensorSpec, expand
 
 
@@ -110,6 +113,11 @@ VISION_KEYS = {
 }
 
 
+@dataclass(frozen=True)
+class ClipHParams(VisionHParams):
+    resize_shortest_edge: int = 0  # CLIPImageProcessor's size before the centre crop
+
+
 class ClipTower:
     """CLIP ViT + llava's MLP projector, one square picture of ``image_size`` (llava-1.5, ACE-Step 1.5)."""
 
@@ -120,33 +128,33 @@ class ClipTower:
     cls_positions = 1  # CLIP puts one [CLS] position before the patches
 
     # -- what the tower is in a checkpoint -------------------------------------------------------
-    def hparams(self, vision: Fields, top: Fields, preprocessor: Fields, tokenizer: dict | None = None) -> dict:
-        """The tower's hyper-parameters, validated, in the converter's names (v_*)."""
+    def hparams(self, vision: Fields, top: Fields, preprocessor: Fields, tokenizer: dict | None = None,
+                n_embd: int = 0) -> ClipHParams:
+        """The tower's hyper-parameters, validated (``n_embd``: the language model's width, the projector's output)."""
         vision = Fields({**CLIP_VISION_DEFAULTS, **vision.data}, vision.where)
-        h = _vision_hparams(vision, top)
-        h["v_n_pos"] = self.n_tile_positions(h["v_image"], h["v_patch"])
-        h.update(_image_preprocessing(preprocessor, h["v_image"]))
-        return h
+        shape = _vision_hparams(vision, top)
+        return ClipHParams(n_embd=n_embd, **shape, v_n_pos=self.n_tile_positions(shape["v_image"], shape["v_patch"]),
+                           **_image_preprocessing(preprocessor, shape["v_image"]))
 
-    def tensors(self, h: dict) -> list[TensorSpec]:
-        return expand(VISION, h, "vision") + expand(VISION_BLOCK, h, "vision", h["v_feature_layer"])
+    def tensors(self, h: ClipHParams) -> list[TensorSpec]:
+        return expand(VISION, h, "vision") + expand(VISION_BLOCK, h, "vision", h.v_feature_layer)
 
-    def ignored(self, h: dict) -> list[Ignored]:
+    def ignored(self, h: ClipHParams) -> list[Ignored]:
         return list(ALWAYS_IGNORED) + [
             Ignored(source.format(bid=bid), "after vision_feature_layer: llava never computes this layer")
-            for bid in range(h["v_feature_layer"], h["v_n_layer"]) for source, _, _ in VISION_BLOCK]
+            for bid in range(h.v_feature_layer, h.v_n_layer) for source, _, _ in VISION_BLOCK]
 
-    def metadata(self, h: dict) -> list[MetadataEntry]:
+    def metadata(self, h: ClipHParams) -> list[MetadataEntry]:
         """clip.* keys of the mmproj GGUF, plus the pixel recipe the runtime applies before llama.cpp."""
         entries = tower_metadata(self.projector_type, h) + [
             # llama.cpp otherwise skips the last written layer; this makes it run all of them.
-            MetadataEntry("clip.vision.feature_layer", [h["v_feature_layer"]], T.ARRAY, T.INT32),
-            MetadataEntry(V.IMAGE_MEAN, h["image_mean"], T.ARRAY, T.FLOAT32),
-            MetadataEntry(V.IMAGE_STD, h["image_std"], T.ARRAY, T.FLOAT32),
-            MetadataEntry(RESIZE_KEY, h["resize_shortest_edge"], T.UINT32),
-            MetadataEntry(RESAMPLE_KEY, h["resample"], T.UINT32),
+            MetadataEntry("clip.vision.feature_layer", [h.v_feature_layer], T.ARRAY, T.INT32),
+            MetadataEntry(V.IMAGE_MEAN, list(h.image_mean), T.ARRAY, T.FLOAT32),
+            MetadataEntry(V.IMAGE_STD, list(h.image_std), T.ARRAY, T.FLOAT32),
+            MetadataEntry(RESIZE_KEY, h.resize_shortest_edge, T.UINT32),
+            MetadataEntry(RESAMPLE_KEY, h.resample, T.UINT32),
         ]
-        flag = VISION_ACTIVATIONS[h["v_act"]]
+        flag = VISION_ACTIVATIONS[h.v_act]
         if flag:
             entries.append(MetadataEntry(flag, True, T.BOOL))
         return entries
@@ -156,19 +164,18 @@ class ClipTower:
         """Positions inside the encoder for one tile: the patches and the [CLS] token."""
         return (image_size // patch_size) ** 2 + self.cls_positions
 
-    def max_image_tokens(self, h: dict) -> int:
+    def max_image_tokens(self, h: ClipHParams) -> int:
         """The most language-model positions one picture can take (the context check, the planner)."""
-        return (h["v_image"] // h["v_patch"]) ** 2
+        return (h.v_image // h.v_patch) ** 2
 
-    def mmproj_bytes(self, p: dict, matrix_type) -> int:
+    def mmproj_bytes(self, h: ClipHParams, matrix_type) -> int:
         """A model card's mmproj size: matrices in ``matrix_type`` (F16 or Q8_0), patch/position
         embeddings F16, vectors F32."""
-        v, ff, e = p["v_embd"], p["v_ff"], p["n_embd"]
-        n_pos = self.n_tile_positions(p["v_image"], p["v_patch"])
+        v, ff, e = h.v_embd, h.v_ff, h.n_embd
         per_layer = tensor_bytes(matrix_type, 4 * v * v + 2 * v * ff) + 4 * (4 * v + ff + 5 * v)
-        fixed = tensor_bytes(Q.F16, v * 3 * p["v_patch"] ** 2 + n_pos * v) + 4 * 3 * v
-        projector = tensor_bytes(matrix_type, v * e + e * e) + 4 * 2 * e + (4 * e if "pinpoints" in p else 0)
-        return p["v_layer"] * per_layer + fixed + projector
+        fixed = tensor_bytes(Q.F16, v * 3 * h.v_patch ** 2 + h.v_n_pos * v) + 4 * 3 * v
+        projector = tensor_bytes(matrix_type, v * e + e * e) + 4 * 2 * e
+        return h.v_feature_layer * per_layer + fixed + projector
 
     # -- reading an mmproj back (the runtime's checks) -------------------------------------------
     keys = VISION_KEYS
@@ -177,73 +184,71 @@ class ClipTower:
         """This tower's mmproj: llava's projector, one square tile (no grid pinpoints)."""
         return fields.get(Keys.Clip.PROJECTOR_TYPE) == self.projector_type and PINPOINTS_KEY not in fields
 
-    def gguf_hparams(self, fields: dict) -> dict:
+    def gguf_hparams(self, fields: dict) -> ClipHParams:
         """The hyper-parameters ``tensors`` needs, read back from a checked mmproj."""
-        h = tower_gguf_hparams(fields)
-        h["v_n_pos"] = self.n_tile_positions(h["v_image"], h["v_patch"])
-        return h
+        shape = tower_gguf_hparams(fields)
+        return ClipHParams(**shape, v_n_pos=self.n_tile_positions(shape["v_image"], shape["v_patch"]))
 
-    def gguf_problems(self, h: dict, fields: dict) -> list[str]:
+    def gguf_problems(self, h: ClipHParams, fields: dict) -> list[str]:
         """Relations between an mmproj's keys that llama.cpp assumes without checking."""
         checks = [
-            (h["v_image"] % h["v_patch"] or h["v_patch"] > h["v_image"], "clip.vision.image_size is not a multiple of patch_size"),
-            (h["v_embd"] % h["v_head"], "clip.vision.embedding_length is not a multiple of attention.head_count"),
+            (h.v_image % h.v_patch or h.v_patch > h.v_image, "clip.vision.image_size is not a multiple of patch_size"),
+            (h.v_embd % h.v_head, "clip.vision.embedding_length is not a multiple of attention.head_count"),
             (fields.get(Keys.Clip.HAS_VISION_ENCODER) is not True, "clip.has_vision_encoder is not true"),
             (fields.get(V.USE_GELU) and fields.get(V.USE_SILU), "clip.use_gelu and clip.use_silu are both set"),
-            (any(not 0 <= k <= h["v_feature_layer"] for k in fields.get("clip.vision.feature_layer", [])),
+            (any(not 0 <= k <= h.v_feature_layer for k in fields.get("clip.vision.feature_layer", [])),
              "clip.vision.feature_layer is outside the written layers"),
         ]
         return [message for bad, message in checks if bad]
 
 
-def tower_metadata(projector_type: str, h: dict) -> list[MetadataEntry]:
+def tower_metadata(projector_type: str, h: VisionHParams) -> list[MetadataEntry]:
     """The clip.* keys every tower writes: its projector, shape and norm epsilon (``v_eps``)."""
     return [
         MetadataEntry(Keys.Clip.PROJECTOR_TYPE, projector_type, T.STRING),
         MetadataEntry(Keys.Clip.HAS_VISION_ENCODER, True, T.BOOL),
         MetadataEntry("clip.has_text_encoder", False, T.BOOL),
-        MetadataEntry(V.IMAGE_SIZE, h["v_image"], T.UINT32),
-        MetadataEntry(V.PATCH_SIZE, h["v_patch"], T.UINT32),
-        MetadataEntry(V.EMBEDDING_LENGTH, h["v_embd"], T.UINT32),
-        MetadataEntry(V.FEED_FORWARD_LENGTH, h["v_ff"], T.UINT32),
-        MetadataEntry(V.PROJECTION_DIM, h["n_embd"], T.UINT32),
-        MetadataEntry(V.BLOCK_COUNT, h["v_feature_layer"], T.UINT32),
-        MetadataEntry(A.HEAD_COUNT, h["v_head"], T.UINT32),
-        MetadataEntry(A.LAYERNORM_EPS, h["v_eps"], T.FLOAT32),
+        MetadataEntry(V.IMAGE_SIZE, h.v_image, T.UINT32),
+        MetadataEntry(V.PATCH_SIZE, h.v_patch, T.UINT32),
+        MetadataEntry(V.EMBEDDING_LENGTH, h.v_embd, T.UINT32),
+        MetadataEntry(V.FEED_FORWARD_LENGTH, h.v_ff, T.UINT32),
+        MetadataEntry(V.PROJECTION_DIM, h.n_embd, T.UINT32),
+        MetadataEntry(V.BLOCK_COUNT, h.v_feature_layer, T.UINT32),
+        MetadataEntry(A.HEAD_COUNT, h.v_head, T.UINT32),
+        MetadataEntry(A.LAYERNORM_EPS, h.v_eps, T.FLOAT32),
     ]
 
 
 def tower_gguf_hparams(fields: dict) -> dict:
-    """What every tower's tensor table needs, read back from a checked mmproj."""
+    """What every tower's tensor table needs, read back from a checked mmproj (VisionHParams' fields)."""
     return {"n_embd": fields[V.PROJECTION_DIM], "v_embd": fields[V.EMBEDDING_LENGTH],
             "v_ff": fields[V.FEED_FORWARD_LENGTH], "v_head": fields[A.HEAD_COUNT],
             "v_image": fields[V.IMAGE_SIZE], "v_patch": fields[V.PATCH_SIZE], "v_feature_layer": fields[V.BLOCK_COUNT]}
 
 
 def _vision_hparams(vision: Fields, top: Fields) -> dict:
-    h = dict(v_embd=vision.integer("hidden_size", 1, MAX_WIDTH), v_ff=vision.integer("intermediate_size", 1, MAX_WIDTH),
-             v_n_layer=vision.integer("num_hidden_layers", 1, MAX_LAYERS),
-             v_head=vision.integer("num_attention_heads", 1, MAX_HEADS),
-             v_image=vision.integer("image_size", 1, MAX_IMAGE), v_patch=vision.integer("patch_size", 1, MAX_IMAGE))
+    """The tower's shape from vision_config and the llava config around it (VisionHParams' fields)."""
+    v_embd, v_head = vision.integer("hidden_size", 1, MAX_WIDTH), vision.integer("num_attention_heads", 1, MAX_HEADS)
+    v_n_layer = vision.integer("num_hidden_layers", 1, MAX_LAYERS)
+    v_image, v_patch = vision.integer("image_size", 1, MAX_IMAGE), vision.integer("patch_size", 1, MAX_IMAGE)
+    v_ff = vision.integer("intermediate_size", 1, MAX_WIDTH)
     if vision.integer("num_channels", 1, 4, 3) != 3:
         raise ConfigError("config.json: vision_config.num_channels must be 3 (RGB)")
-    if h["v_embd"] % h["v_head"]:
+    if v_embd % v_head:
         raise ConfigError("config.json: vision_config.hidden_size is not a multiple of num_attention_heads")
-    h["v_eps"] = vision.number("layer_norm_eps", 0.0, 1.0, 1e-5)
-    h["v_act"] = vision.string("hidden_act", "quick_gelu")
-    if h["v_act"] not in VISION_ACTIVATIONS:
-        raise ConfigError(f"config.json: vision_config.hidden_act {h['v_act']!r} is not supported by llama.cpp's CLIP")
-    if h["v_image"] % h["v_patch"]:
+    v_eps = vision.number("layer_norm_eps", 0.0, 1.0, 1e-5)
+    v_act = vision.string("hidden_act", "quick_gelu")
+    if v_act not in VISION_ACTIVATIONS:
+        raise ConfigError(f"config.json: vision_config.hidden_act {v_act!r} is not supported by llama.cpp's CLIP")
+    if v_image % v_patch:
         raise ConfigError("config.json: vision_config.image_size is not a multiple of patch_size")
-    h["v_n_patches"] = (h["v_image"] // h["v_patch"]) ** 2
     layer = top.data.get("vision_feature_layer", -2)
     if type(layer) is not int:
         raise ConfigError(f"config.json: vision_feature_layer {layer!r}: only a single layer index is supported")
     # hidden_states[k] is the output of k encoder layers; negative indices count from the end.
-    k = layer if layer >= 0 else h["v_n_layer"] + 1 + layer
-    if not 1 <= k <= h["v_n_layer"]:
-        raise ConfigError(f"config.json: vision_feature_layer {layer} is out of range for {h['v_n_layer']} layers")
-    h["v_feature_layer"] = k
+    k = layer if layer >= 0 else v_n_layer + 1 + layer
+    if not 1 <= k <= v_n_layer:
+        raise ConfigError(f"config.json: vision_feature_layer {layer} is out of range for {v_n_layer} layers")
     strategy = top.string("vision_feature_select_strategy", "default")
     if strategy != "default":
         raise ConfigError(f"config.json: vision_feature_select_strategy {strategy!r} is not supported: llama.cpp's "
@@ -253,7 +258,8 @@ def _vision_hparams(vision: Fields, top: Fields) -> dict:
         raise ConfigError(f"config.json: projector_hidden_act {act!r} is not supported: llama.cpp's mlp projector uses GELU")
     if top.boolean("multimodal_projector_bias", True) is False:
         raise ConfigError("config.json: multimodal_projector_bias false is not supported: llama.cpp needs projector biases")
-    return h
+    return dict(v_embd=v_embd, v_ff=v_ff, v_head=v_head, v_image=v_image, v_patch=v_patch, v_feature_layer=k,
+                v_n_layer=v_n_layer, v_eps=v_eps, v_act=v_act)
 
 
 def _image_preprocessing(pre: Fields, image_size: int) -> dict:
@@ -273,7 +279,8 @@ def _image_preprocessing(pre: Fields, image_size: int) -> dict:
         raise ConfigError(f"preprocessor_config.json: crop_size {crop} differs from vision_config.image_size {image_size}")
     if shortest < image_size:
         raise ConfigError(f"preprocessor_config.json: size {shortest} is smaller than the {image_size}-pixel crop")
-    return {"image_mean": pre.numbers("image_mean", 3, CLIP_MEAN), "image_std": pre.numbers("image_std", 3, CLIP_STD),
+    return {"image_mean": tuple(pre.numbers("image_mean", 3, CLIP_MEAN)),
+            "image_std": tuple(pre.numbers("image_std", 3, CLIP_STD)),
             "resize_shortest_edge": shortest, "resample": pre.integer("resample", 0, 5, PIL_BICUBIC)}
 
 

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..templates import PLACEHOLDER_KEY
 from .clip import CLIP, ClipTower, tn
 from .fields import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, Fields
+from .hparams import HParams, TextHParams, VisionHParams
 from .spec import Ignored, MetadataEntry, TensorSpec, expand
 from .text_hparams import text_hparams
 from .tokenizers import TOKENIZER_KEYS
@@ -94,7 +95,7 @@ class LanguageModel:
     rope_permute: bool = False
     # llama.cpp's model loader calls some models LLM_TYPE_70B (its load_hparams, per architecture);
     # the _M quantization mixes then give attn_v one step more (convert/tensor_types.py)
-    is_70b: Callable[[dict], bool] = lambda h: False  # noqa: E731
+    is_70b: Callable[[TextHParams], bool] = lambda h: False  # noqa: E731
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class Family:
                 and isinstance(vision, dict) and vision.get("model_type") in self.vision.model_types)
 
     # -- config.json -> hyper-parameters ------------------------------------------------------------
-    def hparams(self, config: dict, preprocessor: dict, tokenizer: dict | None = None) -> dict:
+    def hparams(self, config: dict, preprocessor: dict, tokenizer: dict | None = None) -> HParams:
         """The hyper-parameters both GGUF files need, validated (types and bounds), in the converter's own
         names. ``tokenizer`` (tokenizer.json) for towers that need a token's id (Pixtral's [IMG_BREAK])."""
         top = Fields(config, "config.json")
@@ -144,64 +145,65 @@ class Family:
             raise ConfigError(f"config.json: vision_config.model_type is {vision.data.get('model_type')!r}; only "
                               f"{', '.join(self.vision.model_types)} is supported")
         model_type = text.data["model_type"]
-        h = text_hparams(text, top, model_type, self.language.config_defaults[model_type])
-        h.update(self.vision.hparams(vision, top, Fields(preprocessor, "preprocessor_config.json"), tokenizer))
-        return h
+        t = text_hparams(text, top, model_type, self.language.config_defaults[model_type])
+        return HParams(t, self.vision.hparams(vision, top, Fields(preprocessor, "preprocessor_config.json"), tokenizer,
+                                              n_embd=t.n_embd))
 
     # -- tensors -----------------------------------------------------------------------------------
-    def tensors(self, h: dict) -> list[TensorSpec]:
+    def tensors(self, h: HParams) -> list[TensorSpec]:
         """Every tensor both outputs must contain, with the shape config.json implies."""
-        return self.role_tensors(h, "language") + self.role_tensors(h, "vision")
+        return self.role_tensors(h.text, "language") + self.role_tensors(h.vision, "vision")
 
-    def role_tensors(self, h: dict, role: str) -> list[TensorSpec]:
-        """The tensors of one output file (language model or mmproj)."""
+    def role_tensors(self, h: TextHParams | VisionHParams, role: str) -> list[TensorSpec]:
+        """The tensors of one output file (language model or mmproj), from its half's hyper-parameters."""
         if role == "vision":
             return self.vision.tensors(h)
         block = DECODER_BLOCK + (QKV_BIASES if self.language.qkv_bias else ())
-        specs = expand(LANGUAGE, h, "language") + expand(block, h, "language", h["n_layer"])
-        specs += [] if h["tie_word_embeddings"] else expand(LANGUAGE_HEAD, h, "language")
+        specs = expand(LANGUAGE, h, "language") + expand(block, h, "language", h.n_layer)
+        specs += [] if h.tie_word_embeddings else expand(LANGUAGE_HEAD, h, "language")
         if not self.language.rope_permute:
             return specs
-        heads = {tn(kind, ".weight").format(bid=i): n for i in range(h["n_layer"])
-                 for kind, n in ((MT.ATTN_Q, h["n_head"]), (MT.ATTN_K, h["n_head_kv"]))}
+        heads = {tn(kind, ".weight").format(bid=i): n for i in range(h.n_layer)
+                 for kind, n in ((MT.ATTN_Q, h.n_head), (MT.ATTN_K, h.n_head_kv))}
         return [replace(s, rope_heads=heads.get(s.gguf_name, 0)) for s in specs]
 
-    def ignored(self, h: dict) -> list[Ignored]:
+    def ignored(self, hp: HParams) -> list[Ignored]:
         """Source tensors that exist in real checkpoints but are deliberately not converted."""
-        skipped = list(LANGUAGE_IGNORED) + self.vision.ignored(h)
-        if h["tie_word_embeddings"]:
+        h = hp.text
+        skipped = list(LANGUAGE_IGNORED) + self.vision.ignored(hp.vision)
+        if h.tie_word_embeddings:
             skipped.append(Ignored("lm_head.weight", "tie_word_embeddings: the output reuses token_embd"))
         skipped += [Ignored(f"text.layers.{i}.self_attn.rotary_emb.inv_freq", "llama.cpp recomputes rotary frequencies")
-                    for i in range(h["n_layer"])]
+                    for i in range(h.n_layer)]
         return skipped
 
     # -- GGUF metadata -----------------------------------------------------------------------------
-    def language_metadata(self, h: dict) -> list[MetadataEntry]:
+    def language_metadata(self, h: TextHParams) -> list[MetadataEntry]:
         """<arch>.* keys of the language-model GGUF (tokenizer and template are added separately)."""
         a = self.gguf_arch
         entries = [
             MetadataEntry(Keys.LLM.CONTEXT_LENGTH.format(arch=a), context_length(h), T.UINT32),
-            MetadataEntry(Keys.LLM.EMBEDDING_LENGTH.format(arch=a), h["n_embd"], T.UINT32),
-            MetadataEntry(Keys.LLM.BLOCK_COUNT.format(arch=a), h["n_layer"], T.UINT32),
-            MetadataEntry(Keys.LLM.FEED_FORWARD_LENGTH.format(arch=a), h["n_ff"], T.UINT32),
-            MetadataEntry(Keys.Attention.HEAD_COUNT.format(arch=a), h["n_head"], T.UINT32),
-            MetadataEntry(Keys.Attention.HEAD_COUNT_KV.format(arch=a), h["n_head_kv"], T.UINT32),
-            MetadataEntry(Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a), h["rms_eps"], T.FLOAT32),
-            MetadataEntry(Keys.Rope.FREQ_BASE.format(arch=a), h["rope_theta"], T.FLOAT32),
+            MetadataEntry(Keys.LLM.EMBEDDING_LENGTH.format(arch=a), h.n_embd, T.UINT32),
+            MetadataEntry(Keys.LLM.BLOCK_COUNT.format(arch=a), h.n_layer, T.UINT32),
+            MetadataEntry(Keys.LLM.FEED_FORWARD_LENGTH.format(arch=a), h.n_ff, T.UINT32),
+            MetadataEntry(Keys.Attention.HEAD_COUNT.format(arch=a), h.n_head, T.UINT32),
+            MetadataEntry(Keys.Attention.HEAD_COUNT_KV.format(arch=a), h.n_head_kv, T.UINT32),
+            MetadataEntry(Keys.Attention.LAYERNORM_RMS_EPS.format(arch=a), h.rms_eps, T.FLOAT32),
+            MetadataEntry(Keys.Rope.FREQ_BASE.format(arch=a), h.rope_theta, T.FLOAT32),
         ]
-        if h["head_dim"] * h["n_head"] != h["n_embd"]:
-            entries.append(MetadataEntry(Keys.Attention.KEY_LENGTH.format(arch=a), h["head_dim"], T.UINT32))
-            entries.append(MetadataEntry(Keys.Attention.VALUE_LENGTH.format(arch=a), h["head_dim"], T.UINT32))
-        scaling = h["rope_scaling"]
+        if h.head_dim * h.n_head != h.n_embd:
+            entries.append(MetadataEntry(Keys.Attention.KEY_LENGTH.format(arch=a), h.head_dim, T.UINT32))
+            entries.append(MetadataEntry(Keys.Attention.VALUE_LENGTH.format(arch=a), h.head_dim, T.UINT32))
+        scaling = h.rope_scaling
         if scaling:
             entries += [MetadataEntry(Keys.Rope.SCALING_TYPE.format(arch=a), scaling["type"], T.STRING),
                         MetadataEntry(Keys.Rope.SCALING_FACTOR.format(arch=a), float(scaling["factor"]), T.FLOAT32)]
             if scaling["type"] == "yarn":
-                original = int(scaling.get("original_max_position_embeddings", h["max_pos"]))
+                original = int(scaling.get("original_max_position_embeddings", h.max_pos))
                 entries.append(MetadataEntry(Keys.Rope.SCALING_ORIG_CTX_LEN.format(arch=a), original, T.UINT32))
         return entries
 
-    def vision_metadata(self, h: dict) -> list[MetadataEntry]:
+    def vision_metadata(self, h: VisionHParams) -> list[MetadataEntry]:
         """clip.* keys of the mmproj GGUF (the tower's)."""
         return self.vision.metadata(h)
 
@@ -212,36 +214,33 @@ class Family:
             return self.vision.keys
         return {**_language_keys(self.gguf_arch), **TOKENIZER_KEYS[self.language.tokenizer]}
 
-    def gguf_hparams(self, fields: dict, tensor_names, role: str) -> dict:
+    def gguf_hparams(self, fields: dict, tensor_names, role: str) -> TextHParams | VisionHParams:
         """The hyper-parameters ``role_tensors`` needs, read back from one checked GGUF file."""
         if role == "vision":
             return self.vision.gguf_hparams(fields)
         a = self.gguf_arch
         tokens = fields[Keys.Tokenizer.LIST]
-        h = {"n_embd": fields[Keys.LLM.EMBEDDING_LENGTH.format(arch=a)],
-             "n_ff": fields[Keys.LLM.FEED_FORWARD_LENGTH.format(arch=a)],
-             "n_layer": fields[Keys.LLM.BLOCK_COUNT.format(arch=a)],
-             "n_head": fields[Keys.Attention.HEAD_COUNT.format(arch=a)],
-             "n_vocab": len(tokens) if isinstance(tokens, list) else tokens.count,
-             "tie_word_embeddings": tn(MT.OUTPUT, ".weight") not in tensor_names}
-        h["n_head_kv"] = fields.get(Keys.Attention.HEAD_COUNT_KV.format(arch=a), h["n_head"])
-        h["head_dim"] = fields.get(Keys.Attention.KEY_LENGTH.format(arch=a), h["n_embd"] // h["n_head"])
-        h["n_q"], h["n_kv"] = h["n_head"] * h["head_dim"], h["n_head_kv"] * h["head_dim"]
-        return h
+        n_embd, n_head = fields[Keys.LLM.EMBEDDING_LENGTH.format(arch=a)], fields[Keys.Attention.HEAD_COUNT.format(arch=a)]
+        return TextHParams(n_vocab=len(tokens) if isinstance(tokens, list) else tokens.count, n_embd=n_embd,
+                           n_ff=fields[Keys.LLM.FEED_FORWARD_LENGTH.format(arch=a)],
+                           n_layer=fields[Keys.LLM.BLOCK_COUNT.format(arch=a)], n_head=n_head,
+                           n_head_kv=fields.get(Keys.Attention.HEAD_COUNT_KV.format(arch=a), n_head),
+                           head_dim=fields.get(Keys.Attention.KEY_LENGTH.format(arch=a), n_embd // n_head),
+                           tie_word_embeddings=tn(MT.OUTPUT, ".weight") not in tensor_names)
 
-    def gguf_problems(self, h: dict, fields: dict, role: str) -> list[str]:
+    def gguf_problems(self, h: TextHParams | VisionHParams, fields: dict, role: str) -> list[str]:
         """Relations between hyper-parameters that llama.cpp assumes without checking."""
         if role == "vision":
             return self.vision.gguf_problems(h, fields)
-        checks = [(h["n_head"] % h["n_head_kv"], "attention.head_count is not a multiple of head_count_kv"),
-                  (h["head_dim"] == 0, "embedding_length is smaller than attention.head_count")]
+        checks = [(h.n_head % h.n_head_kv, "attention.head_count is not a multiple of head_count_kv"),
+                  (h.head_dim == 0, "embedding_length is smaller than attention.head_count")]
         return [message for bad, message in checks if bad]
 
 
-def context_length(h: dict) -> int:
+def context_length(h: TextHParams) -> int:
     """The trained context: YaRN's factor × original length when scaled (Qwen2.5: 4 × 32768)."""
-    scaling = h["rope_scaling"]
+    scaling = h.rope_scaling
     if scaling and scaling["type"] == "yarn":
-        original = int(scaling.get("original_max_position_embeddings", h["max_pos"]))
-        return max(h["max_pos"], int(original * float(scaling["factor"])))
-    return h["max_pos"]
+        original = int(scaling.get("original_max_position_embeddings", h.max_pos))
+        return max(h.max_pos, int(original * float(scaling["factor"])))
+    return h.max_pos

@@ -39,7 +39,7 @@ LLAMA = LanguageModel(gguf_arch="llama", model_types=("llama", "mistral"), token
                       builtin_template=LLAVA_1_5_TEMPLATE, rope_permute=True,
                       config_defaults={"llama": LLAMA_DEFAULTS, "mistral": MISTRAL_DEFAULTS},
                       # llama.cpp src/models/llama.cpp: 80 layers are 70B with GQA, 65B without
-                      is_70b=lambda h: h["n_layer"] == 80 and h["n_head"] != h["n_head_kv"])
+                      is_70b=lambda h: h.n_layer == 80 and h.n_head != h.n_head_kv)
 
 FAMILY = Family(name="llava_llama", architectures=("LlavaForConditionalGeneration",), language=LLAMA,
                 description="Llama or Mistral + CLIP + MLP projector (LLaVA-1.5, BakLLaVA)")

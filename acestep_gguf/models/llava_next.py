@@ -23,7 +23,7 @@ import numpy as np
 from gguf import GGUFValueType as T
 
 from ..errors import ConfigError
-from .clip import PINPOINTS_KEY, VISION_KEYS, ClipTower, Fields
+from .clip import PINPOINTS_KEY, VISION_KEYS, ClipHParams, ClipTower, Fields
 from .family import Family
 from .fields import MAX_IMAGE
 from .llava_llama import LLAMA
@@ -114,6 +114,11 @@ def max_tokens(pinpoints, tile: int, patch: int) -> int:
     return max(side * side + (ph // tile) * side * ((pw // tile) * side + 1) for ph, pw in pinpoints)
 
 
+@dataclass(frozen=True)
+class AnyresHParams(ClipHParams):
+    pinpoints: tuple = ()  # ((height, width), ...): whole numbers of tiles
+
+
 class AnyresClipTower(ClipTower):
     """CLIP + MLP projector + image_newline, tiled by image_grid_pinpoints."""
 
@@ -123,42 +128,44 @@ class AnyresClipTower(ClipTower):
     keys = {**VISION_KEYS, PINPOINTS_KEY: (T.ARRAY, T.INT32, True, (2, 2 * MAX_PINPOINTS)),
             MERGE_KEY: (T.STRING, None, False, None)}
 
-    def hparams(self, vision: Fields, top: Fields, preprocessor: Fields, tokenizer: dict | None = None) -> dict:
-        h = super().hparams(vision, top, preprocessor)
-        pinpoints = _pinpoints(top, h["v_image"])
-        if "image_grid_pinpoints" in preprocessor.data and _pinpoints(preprocessor, h["v_image"]) != pinpoints:
+    def hparams(self, vision: Fields, top: Fields, preprocessor: Fields, tokenizer: dict | None = None,
+                n_embd: int = 0) -> AnyresHParams:
+        h = super().hparams(vision, top, preprocessor, tokenizer, n_embd)
+        pinpoints = _pinpoints(top, h.v_image)
+        if "image_grid_pinpoints" in preprocessor.data and _pinpoints(preprocessor, h.v_image) != pinpoints:
             raise ConfigError("preprocessor_config.json: image_grid_pinpoints differ from config.json's; the processor "
                               "and the model would disagree on every picture's tiles")
-        if h["resize_shortest_edge"] != h["v_image"]:
-            raise ConfigError(f"preprocessor_config.json: size {h['resize_shortest_edge']} differs from the "
-                              f"{h['v_image']}-pixel tile; LLaVA-NeXT tiles are encoded at the tower's size")
-        h["pinpoints"] = pinpoints
-        return h
+        if h.resize_shortest_edge != h.v_image:
+            raise ConfigError(f"preprocessor_config.json: size {h.resize_shortest_edge} differs from the "
+                              f"{h.v_image}-pixel tile; LLaVA-NeXT tiles are encoded at the tower's size")
+        return AnyresHParams(**vars(h), pinpoints=tuple(pinpoints))
 
-    def tensors(self, h: dict) -> list[TensorSpec]:
+    def tensors(self, h: AnyresHParams) -> list[TensorSpec]:
         return super().tensors(h) + expand(NEWLINE, h, "vision")
 
-    def metadata(self, h: dict) -> list[MetadataEntry]:
-        flat = [side for ph, pw in h["pinpoints"] for side in (pw, ph)]  # clip.cpp reads width first
+    def metadata(self, h: AnyresHParams) -> list[MetadataEntry]:
+        flat = [side for ph, pw in h.pinpoints for side in (pw, ph)]  # clip.cpp reads width first
         return super().metadata(h) + [MetadataEntry(PINPOINTS_KEY, flat, T.ARRAY, T.INT32),
                                       MetadataEntry(MERGE_KEY, "spatial_unpad", T.STRING)]
 
-    def max_image_tokens(self, h: dict) -> int:
-        return max_tokens(h["pinpoints"], h["v_image"], h["v_patch"])
+    def max_image_tokens(self, h: AnyresHParams) -> int:
+        return max_tokens(h.pinpoints, h.v_image, h.v_patch)
+
+    def mmproj_bytes(self, h: AnyresHParams, matrix_type) -> int:
+        return super().mmproj_bytes(h, matrix_type) + 4 * h.n_embd  # + image_newline
 
     def reads(self, fields: dict) -> bool:
         return fields.get("clip.projector_type") == self.projector_type and PINPOINTS_KEY in fields
 
-    def gguf_hparams(self, fields: dict) -> dict:
-        h = super().gguf_hparams(fields)
+    def gguf_hparams(self, fields: dict) -> AnyresHParams:
         flat = fields[PINPOINTS_KEY]
-        h["pinpoints"] = [(flat[i + 1], flat[i]) for i in range(0, len(flat) - 1, 2)]
-        return h
+        return AnyresHParams(**vars(super().gguf_hparams(fields)),
+                             pinpoints=tuple((flat[i + 1], flat[i]) for i in range(0, len(flat) - 1, 2)))
 
-    def gguf_problems(self, h: dict, fields: dict) -> list[str]:
-        flat, tile = fields[PINPOINTS_KEY], h["v_image"]
+    def gguf_problems(self, h: AnyresHParams, fields: dict) -> list[str]:
+        flat, tile = fields[PINPOINTS_KEY], h.v_image
         bad = (len(flat) % 2 or any(not 0 < s <= MAX_IMAGE or s % tile for s in flat)
-               or any((ph // tile) * (pw // tile) > MAX_TILES for ph, pw in h["pinpoints"]))
+               or any((ph // tile) * (pw // tile) > MAX_TILES for ph, pw in h.pinpoints))
         return super().gguf_problems(h, fields) + ([
             f"{PINPOINTS_KEY} must be (width, height) pairs, multiples of the {tile}-pixel tile up to {MAX_IMAGE}, "
             f"at most {MAX_TILES} tiles each"] if bad else [])

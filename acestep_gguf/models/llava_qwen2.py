@@ -29,7 +29,7 @@ QWEN2_DEFAULTS = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size"
 
 QWEN2 = LanguageModel(gguf_arch="qwen2", model_types=("qwen2",), tokenizer="gpt2", qkv_bias=True,
                       builtin_template=CHATML_TEMPLATE, config_defaults={"qwen2": QWEN2_DEFAULTS},
-                      is_70b=lambda h: h["n_layer"] == 80)  # llama.cpp src/models/qwen2.cpp
+                      is_70b=lambda h: h.n_layer == 80)  # llama.cpp src/models/qwen2.cpp
 
 FAMILY = Family(name="llava_qwen2", architectures=("LlavaForConditionalGeneration",), language=QWEN2,
                 description="Qwen2 + CLIP + MLP projector (ACE-Step 1.5)")

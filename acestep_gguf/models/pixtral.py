@@ -14,7 +14,7 @@ picture it need not resize (the runtime lifts mtmd's own token limits to the tow
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from gguf import MODEL_TENSOR as MT
 from gguf import GGUFValueType as T
@@ -26,6 +26,7 @@ from .clip import (CLIP_MEAN, CLIP_STD, PIL_BICUBIC, REPLACEMENTS, RESAMPLE_KEY,
                    tower_gguf_hparams, tower_metadata)
 from .family import Family, LanguageModel
 from .fields import MAX_HEADS, MAX_IMAGE, MAX_LAYERS, MAX_WIDTH
+from .hparams import VisionHParams
 from .llava_llama import MISTRAL_DEFAULTS
 from .spec import Ignored, MetadataEntry, TensorSpec, expand
 
@@ -64,6 +65,12 @@ KEYS = {**{k: v for k, v in VISION_KEYS.items() if not k.startswith(("clip.visio
         LONGEST_EDGE_KEY: (T.UINT32, None, False, (1, MAX_IMAGE))}
 
 
+@dataclass(frozen=True)
+class PixtralHParams(VisionHParams):
+    longest_edge: int = 0  # PixtralImageProcessor's size.longest_edge (at most v_image)
+    img_break: int = 0  # the [IMG_BREAK] token's id: its embedding row is copied into the mmproj
+
+
 class PixtralTower:
     """Pixtral ViT + llava's projector, one picture at its own resolution."""
 
@@ -74,25 +81,23 @@ class PixtralTower:
     keys = KEYS
 
     # -- what the tower is in a checkpoint -------------------------------------------------------
-    def hparams(self, vision: Fields, top: Fields, preprocessor: Fields, tokenizer: dict | None = None) -> dict:
-        h = dict(v_embd=vision.integer("hidden_size", 1, MAX_WIDTH, 1024),
-                 v_ff=vision.integer("intermediate_size", 1, MAX_WIDTH, 4096),
-                 v_n_layer=vision.integer("num_hidden_layers", 1, MAX_LAYERS, 24),
-                 v_head=vision.integer("num_attention_heads", 1, MAX_HEADS, 16),
-                 v_image=vision.integer("image_size", 1, MAX_IMAGE, 1024),
-                 v_patch=vision.integer("patch_size", 1, MAX_IMAGE, 16))
+    def hparams(self, vision: Fields, top: Fields, preprocessor: Fields, tokenizer: dict | None = None,
+                n_embd: int = 0) -> PixtralHParams:
+        v_embd, v_head = vision.integer("hidden_size", 1, MAX_WIDTH, 1024), vision.integer("num_attention_heads", 1, MAX_HEADS, 16)
+        v_n_layer = vision.integer("num_hidden_layers", 1, MAX_LAYERS, 24)
+        v_image, v_patch = vision.integer("image_size", 1, MAX_IMAGE, 1024), vision.integer("patch_size", 1, MAX_IMAGE, 16)
         if vision.integer("num_channels", 1, 4, 3) != 3:
             raise ConfigError("config.json: vision_config.num_channels must be 3 (RGB)")
-        if h["v_embd"] % h["v_head"] or (h["v_embd"] // h["v_head"]) % 4:
+        if v_embd % v_head or (v_embd // v_head) % 4:
             raise ConfigError("config.json: vision_config.hidden_size / num_attention_heads must be a multiple of 4 "
                               "(Pixtral's 2D rope splits each head in four)")
-        if vision.integer("head_dim", 1, MAX_WIDTH, h["v_embd"] // h["v_head"]) != h["v_embd"] // h["v_head"]:
+        if vision.integer("head_dim", 1, MAX_WIDTH, v_embd // v_head) != v_embd // v_head:
             raise ConfigError("config.json: vision_config.head_dim differs from hidden_size / num_attention_heads")
-        if h["v_image"] % h["v_patch"]:
+        if v_image % v_patch:
             raise ConfigError("config.json: vision_config.image_size is not a multiple of patch_size")
-        h["v_act"] = vision.string("hidden_act", "gelu")
-        if h["v_act"] not in ACTIVATIONS:
-            raise ConfigError(f"config.json: vision_config.hidden_act {h['v_act']!r} is not supported by llama.cpp's "
+        v_act = vision.string("hidden_act", "gelu")
+        if v_act not in ACTIVATIONS:
+            raise ConfigError(f"config.json: vision_config.hidden_act {v_act!r} is not supported by llama.cpp's "
                               "pixtral graph (silu or gelu)")
         rope = vision.data.get("rope_parameters")
         theta = vision.section("rope_parameters").number("rope_theta", 1.0, 1e12, ROPE_THETA) if isinstance(rope, dict) \
@@ -103,10 +108,9 @@ class PixtralTower:
         layer = top.data.get("vision_feature_layer", -2)
         if type(layer) is not int:
             raise ConfigError(f"config.json: vision_feature_layer {layer!r}: only a single layer index is supported")
-        k = layer if layer >= 0 else h["v_n_layer"] + 1 + layer
-        if not 1 <= k <= h["v_n_layer"]:
-            raise ConfigError(f"config.json: vision_feature_layer {layer} is out of range for {h['v_n_layer']} layers")
-        h["v_feature_layer"] = k
+        k = layer if layer >= 0 else v_n_layer + 1 + layer
+        if not 1 <= k <= v_n_layer:
+            raise ConfigError(f"config.json: vision_feature_layer {layer} is out of range for {v_n_layer} layers")
         if top.string("vision_feature_select_strategy", "default") != "full":
             raise ConfigError("config.json: vision_feature_select_strategy must be 'full' for a Pixtral tower: it has "
                               "no [CLS] token, and 'default' would drop its first patch (llama.cpp cannot)")
@@ -114,31 +118,30 @@ class PixtralTower:
             raise ConfigError("config.json: projector_hidden_act must be GELU (llama.cpp's pixtral projector)")
         if top.boolean("multimodal_projector_bias", True) is False:
             raise ConfigError("config.json: multimodal_projector_bias false is not supported")
-        h["v_n_pos"] = self.n_tile_positions(h["v_image"], h["v_patch"])
-        h["v_eps"] = RMS_EPS
-        h["img_break"] = _token_id(tokenizer or {}, IMG_BREAK)
-        h.update(_preprocessing(preprocessor, h["v_image"], h["v_patch"]))
-        return h
+        return PixtralHParams(n_embd=n_embd, v_embd=v_embd, v_ff=vision.integer("intermediate_size", 1, MAX_WIDTH, 4096),
+                              v_head=v_head, v_image=v_image, v_patch=v_patch, v_feature_layer=k, v_n_layer=v_n_layer,
+                              v_n_pos=self.n_tile_positions(v_image, v_patch), v_eps=RMS_EPS, v_act=v_act,
+                              img_break=_token_id(tokenizer or {}, IMG_BREAK),
+                              **_preprocessing(preprocessor, v_image, v_patch))
 
-    def tensors(self, h: dict) -> list[TensorSpec]:
-        specs = expand(VISION, h, "vision") + expand(VISION_BLOCK, h, "vision", h["v_feature_layer"])
-        specs = [replace(s, rope_heads=h["v_head"]) if s.gguf_name.endswith(ROPE_ROWS) else s for s in specs]
+    def tensors(self, h: PixtralHParams) -> list[TensorSpec]:
+        specs = expand(VISION, h, "vision") + expand(VISION_BLOCK, h, "vision", h.v_feature_layer)
+        specs = [replace(s, rope_heads=h.v_head) if s.gguf_name.endswith(ROPE_ROWS) else s for s in specs]
         # the language model's [IMG_BREAK] row, copied: mtmd puts it after every row of patches
-        return specs + [TensorSpec("text.embed_tokens.weight", IMG_BREAK_TENSOR, (h["n_embd"],), "vision",
-                                   row=h.get("img_break", 0))]
+        return specs + [TensorSpec("text.embed_tokens.weight", IMG_BREAK_TENSOR, (h.n_embd,), "vision", row=h.img_break)]
 
-    def ignored(self, h: dict) -> list[Ignored]:
+    def ignored(self, h: PixtralHParams) -> list[Ignored]:
         return [Ignored(source.format(bid=bid), "after vision_feature_layer: never computed")
-                for bid in range(h["v_feature_layer"], h["v_n_layer"]) for source, _, _ in VISION_BLOCK]
+                for bid in range(h.v_feature_layer, h.v_n_layer) for source, _, _ in VISION_BLOCK]
 
-    def metadata(self, h: dict) -> list[MetadataEntry]:
+    def metadata(self, h: PixtralHParams) -> list[MetadataEntry]:
         V = Keys.ClipVision
         return tower_metadata(self.projector_type, h) + [
-            MetadataEntry(V.IMAGE_MEAN, h["image_mean"], T.ARRAY, T.FLOAT32),
-            MetadataEntry(V.IMAGE_STD, h["image_std"], T.ARRAY, T.FLOAT32),
-            MetadataEntry(ACTIVATIONS[h["v_act"]], True, T.BOOL),
-            MetadataEntry(LONGEST_EDGE_KEY, h["longest_edge"], T.UINT32),
-            MetadataEntry(RESAMPLE_KEY, h["resample"], T.UINT32),
+            MetadataEntry(V.IMAGE_MEAN, list(h.image_mean), T.ARRAY, T.FLOAT32),
+            MetadataEntry(V.IMAGE_STD, list(h.image_std), T.ARRAY, T.FLOAT32),
+            MetadataEntry(ACTIVATIONS[h.v_act], True, T.BOOL),
+            MetadataEntry(LONGEST_EDGE_KEY, h.longest_edge, T.UINT32),
+            MetadataEntry(RESAMPLE_KEY, h.resample, T.UINT32),
         ]
 
     # -- positions a picture takes ---------------------------------------------------------------
@@ -146,38 +149,37 @@ class PixtralTower:
         """Positions inside the encoder for the largest picture (no [CLS])."""
         return (image_size // patch_size) ** 2
 
-    def max_image_tokens(self, h: dict) -> int:
+    def max_image_tokens(self, h: PixtralHParams) -> int:
         """The largest picture: every patch, an [IMG_BREAK] per row but the last, and [IMG_END]."""
-        side = h.get("longest_edge", h["v_image"]) // h["v_patch"]
+        side = (h.longest_edge or h.v_image) // h.v_patch
         return side * side + side
 
-    def mmproj_bytes(self, p: dict, matrix_type) -> int:
+    def mmproj_bytes(self, h: PixtralHParams, matrix_type) -> int:
         """A model card's mmproj size: matrices in ``matrix_type``, the patch kernel F32 (what convert writes:
         ggml's im2col), vectors F32."""
-        v, ff, e = p["v_embd"], p["v_ff"], p["n_embd"]
+        v, ff, e = h.v_embd, h.v_ff, h.n_embd
         per_layer = tensor_bytes(matrix_type, 4 * v * v + 3 * v * ff) + 4 * 2 * v
-        fixed = 4 * (v * 3 * p["v_patch"] ** 2 + v + e)  # patch kernel, ln_pre, [IMG_BREAK]
-        return p["v_layer"] * per_layer + fixed + tensor_bytes(matrix_type, v * e + e * e) + 4 * 2 * e
+        fixed = 4 * (v * 3 * h.v_patch ** 2 + v + e)  # patch kernel, ln_pre, [IMG_BREAK]
+        return h.v_feature_layer * per_layer + fixed + tensor_bytes(matrix_type, v * e + e * e) + 4 * 2 * e
 
     # -- reading an mmproj back ------------------------------------------------------------------
     def reads(self, fields: dict) -> bool:
         return fields.get(Keys.Clip.PROJECTOR_TYPE) == self.projector_type
 
-    def gguf_hparams(self, fields: dict) -> dict:
-        h = tower_gguf_hparams(fields)
-        h["longest_edge"] = fields.get(LONGEST_EDGE_KEY, h["v_image"])
-        h["v_n_pos"] = self.n_tile_positions(h["v_image"], h["v_patch"])
-        return h
+    def gguf_hparams(self, fields: dict) -> PixtralHParams:
+        shape = tower_gguf_hparams(fields)
+        return PixtralHParams(**shape, longest_edge=fields.get(LONGEST_EDGE_KEY, shape["v_image"]),
+                              v_n_pos=self.n_tile_positions(shape["v_image"], shape["v_patch"]))
 
-    def gguf_problems(self, h: dict, fields: dict) -> list[str]:
+    def gguf_problems(self, h: PixtralHParams, fields: dict) -> list[str]:
         V = Keys.ClipVision
         checks = [
-            (h["v_image"] % h["v_patch"] or h["v_patch"] > h["v_image"], "clip.vision.image_size is not a multiple of patch_size"),
-            (h["v_embd"] % h["v_head"] or (h["v_embd"] // h["v_head"]) % 4,
+            (h.v_image % h.v_patch or h.v_patch > h.v_image, "clip.vision.image_size is not a multiple of patch_size"),
+            (h.v_embd % h.v_head or (h.v_embd // h.v_head) % 4,
              "clip.vision.embedding_length / attention.head_count is not a multiple of 4"),
             (fields.get(Keys.Clip.HAS_VISION_ENCODER) is not True, "clip.has_vision_encoder is not true"),
             (fields.get(V.USE_GELU) and fields.get(V.USE_SILU), "clip.use_gelu and clip.use_silu are both set"),
-            (not h["v_patch"] <= h["longest_edge"] <= h["v_image"], f"{LONGEST_EDGE_KEY} is outside patch_size..image_size"),
+            (not h.v_patch <= h.longest_edge <= h.v_image, f"{LONGEST_EDGE_KEY} is outside patch_size..image_size"),
             ("clip.vision.spatial_merge_size" in fields, "clip.vision.spatial_merge_size (a patch merger) is not supported"),
         ]
         return [message for bad, message in checks if bad]
@@ -208,7 +210,8 @@ def _preprocessing(pre: Fields, image_size: int, patch: int) -> dict:
     if not patch <= longest <= image_size:
         raise ConfigError(f"preprocessor_config.json: size.longest_edge {longest} is outside {patch}..{image_size} "
                           "(the tower's rope covers image_size)")
-    return {"image_mean": pre.numbers("image_mean", 3, CLIP_MEAN), "image_std": pre.numbers("image_std", 3, CLIP_STD),
+    return {"image_mean": tuple(pre.numbers("image_mean", 3, CLIP_MEAN)),
+            "image_std": tuple(pre.numbers("image_std", 3, CLIP_STD)),
             "longest_edge": longest, "resample": pre.integer("resample", 0, 5, PIL_BICUBIC)}
 
 
@@ -230,7 +233,7 @@ PIXTRAL_TEMPLATE = (
 MISTRAL_BPE = LanguageModel(gguf_arch="llama", model_types=("mistral",), tokenizer="gpt2", qkv_bias=False,
                             builtin_template=PIXTRAL_TEMPLATE, rope_permute=True,
                             config_defaults={"mistral": MISTRAL_DEFAULTS},
-                            is_70b=lambda h: h["n_layer"] == 80 and h["n_head"] != h["n_head_kv"])
+                            is_70b=lambda h: h.n_layer == 80 and h.n_head != h.n_head_kv)
 PIXTRAL = PixtralTower()
 FAMILY = Family(name="llava_pixtral", architectures=("LlavaForConditionalGeneration",), language=MISTRAL_BPE,
                 vision=PIXTRAL, description="Mistral + Pixtral at native resolution (Pixtral-12B)")

@@ -36,9 +36,10 @@ class MetadataEntry:
     sub_type: GGUFValueType | None = None
 
 
-def expand(table, h: dict, role: str, count: int | None = None) -> list[TensorSpec]:
-    """Turn rows of (source pattern, gguf pattern, shape in hparam names) into TensorSpecs,
-    once, or once per block id when ``count`` is given."""
+def expand(table, h, role: str, count: int | None = None) -> list[TensorSpec]:
+    """Turn rows of (source pattern, gguf pattern, shape in hyper-parameter names — fields of ``h``,
+    a TextHParams or a tower's VisionHParams) into TensorSpecs, once, or once per block id when
+    ``count`` is given."""
     ids = [None] if count is None else range(count)
     specs = []
     for bid in ids:
@@ -47,7 +48,7 @@ def expand(table, h: dict, role: str, count: int | None = None) -> list[TensorSp
                 TensorSpec(
                     source.format(bid=bid),
                     gguf_name.format(bid=bid),
-                    tuple(h[d] if isinstance(d, str) else d for d in shape),
+                    tuple(getattr(h, d) if isinstance(d, str) else d for d in shape),
                     role,
                 )
             )

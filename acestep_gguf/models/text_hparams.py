@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .fields import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, MAX_WIDTH, Fields
+from .hparams import TextHParams
 
 DEFAULT_THETA = 10_000.0  # RotaryEmbeddingConfigMixin.default_theta
 ROPE_TYPES = ("yarn", "linear")  # what llama.cpp's rope.scaling.type can express for these architectures
@@ -111,22 +112,18 @@ def sliding_window(text: Fields, model_type: str, n_layer: int, class_default: i
     return window
 
 
-def text_hparams(text: Fields, top: Fields, model_type: str, defaults: dict) -> dict:
+def text_hparams(text: Fields, top: Fields, model_type: str, defaults: dict) -> TextHParams:
     """Everything the language-model GGUF needs, in the converter's names."""
     d = {k: v for k, v in defaults.items() if k not in ("tie_word_embeddings", "sliding_window")}
     plain = Fields({**d, **text.data}, text.where)  # fields without a precedence rule
-    h: dict = {
-        "n_embd": plain.integer("hidden_size", 1, MAX_WIDTH), "n_ff": plain.integer("intermediate_size", 1, MAX_WIDTH),
-        "n_layer": plain.integer("num_hidden_layers", 1, MAX_LAYERS),
-        "n_head": plain.integer("num_attention_heads", 1, MAX_HEADS), "n_vocab": plain.integer("vocab_size", 1, MAX_VOCAB),
-    }
-    h["n_head_kv"] = n_head_kv(plain, h["n_head"])
-    h["head_dim"] = head_dim(plain, h["n_embd"], h["n_head"])
-    h["n_q"], h["n_kv"] = h["n_head"] * h["head_dim"], h["n_head_kv"] * h["head_dim"]
-    h["rms_eps"] = plain.number("rms_norm_eps", 0.0, 1.0, 1e-6)
-    h["max_pos"] = plain.integer("max_position_embeddings", 1, MAX_POSITIONS)
-    h["rope_theta"] = rope_theta(text)
-    h["rope_scaling"] = rope_scaling(text, h["max_pos"])
-    h["tie_word_embeddings"] = tie_word_embeddings(text, top, defaults.get("tie_word_embeddings", False))
-    h["sliding_window"] = sliding_window(text, model_type, h["n_layer"], defaults.get("sliding_window"))
-    return h
+    n_embd, n_head = plain.integer("hidden_size", 1, MAX_WIDTH), plain.integer("num_attention_heads", 1, MAX_HEADS)
+    n_layer = plain.integer("num_hidden_layers", 1, MAX_LAYERS)
+    max_pos = plain.integer("max_position_embeddings", 1, MAX_POSITIONS)
+    return TextHParams(
+        n_vocab=plain.integer("vocab_size", 1, MAX_VOCAB), n_embd=n_embd,
+        n_ff=plain.integer("intermediate_size", 1, MAX_WIDTH), n_layer=n_layer, n_head=n_head,
+        n_head_kv=n_head_kv(plain, n_head), head_dim=head_dim(plain, n_embd, n_head),
+        rms_eps=plain.number("rms_norm_eps", 0.0, 1.0, 1e-6), max_pos=max_pos, rope_theta=rope_theta(text),
+        rope_scaling=rope_scaling(text, max_pos),
+        tie_word_embeddings=tie_word_embeddings(text, top, defaults.get("tie_word_embeddings", False)),
+        sliding_window=sliding_window(text, model_type, n_layer, defaults.get("sliding_window")))

@@ -2,10 +2,10 @@
 
 The cache is a list of spans — a text token by id, or a whole image by the digest of its pixels —
 so a new prompt is compared with it span by span and only what differs is evaluated: an earlier
-image is never encoded again. A square picture goes through mtmd whole; a tiled one (LLaVA-NeXT) has
-each tile encoded by mtmd, the features packed as transformers packs them (models/llava_next.py),
-and the result decoded as embeddings — still one span. VisionChat is a conversation on top of this; a server or a batch
-worker can drive it directly. One KVSession is one sequence of the context (``seq``); a context
+image is never encoded again. A picture goes through mtmd whole; a tiled one (LLaVA-NeXT) has each
+tile encoded by mtmd, the features packed as transformers packs them (models/llava_next.py), and the
+result decoded as embeddings — still one span. VisionChat is a conversation on top of this; a server
+or a batch worker can drive it directly. One KVSession is one sequence of the context (``seq``); a context
 made for several sequences has one KVSession each (runtime/batch.py decodes them together). Not
 thread-safe: the owner serialises calls."""
 

@@ -165,4 +165,4 @@ def pixel_recipe(mmproj_fields: dict, path: Path) -> PixelRecipe:
         raise ModelFilesError(f"{path}: acestep_gguf.image.resize_shortest_edge {shortest} is below image_size {size}")
     h = for_gguf(mmproj_fields, "vision").vision.gguf_hparams(mmproj_fields)
     return PixelRecipe(size, patch, shortest, mmproj_fields.get("acestep_gguf.image.resample", 3),
-                       tuple(h.get("pinpoints", ())), h.get("longest_edge", 0))
+                       tuple(getattr(h, "pinpoints", ())), getattr(h, "longest_edge", 0))

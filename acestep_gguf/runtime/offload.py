@@ -128,7 +128,7 @@ def shape_from_headers(lm, mp) -> ModelShape:
         g = mp.fields
         tower = for_gguf(g, "vision").vision
         h = tower.gguf_hparams(g)
-        v = {"bytes": sum(t.n_bytes for t in mp.tensors), "n_pos": h["v_n_pos"],
+        v = {"bytes": sum(t.n_bytes for t in mp.tensors), "n_pos": h.v_n_pos,
              "embd": int(g["clip.vision.embedding_length"]), "ff": int(g["clip.vision.feed_forward_length"]),
              "head": int(g["clip.vision.attention.head_count"]), "tokens": tower.max_image_tokens(h)}
     return ModelShape(layers, other, n_head, int(f.get(f"{arch}.attention.head_count_kv", n_head)),
@@ -144,12 +144,12 @@ def shape_from_preset(preset: str, quant: str, mmproj_quant: str = "F16") -> Mod
         raise OptionError(f"--quant {quant}: choose from {', '.join(TYPES)}")
     if mmproj_quant not in VISION_TYPES:
         raise OptionError(f"--mmproj-quant {mmproj_quant}: choose from {', '.join(VISION_TYPES)}")
-    p = PRESETS[preset]
-    layers, other = language_tensor_bytes(p, quant)
-    tower = by_name(p["family"]).vision
-    return ModelShape(layers, other, p["n_head"], p["n_head_kv"], p["head_dim"], p["n_embd"], p["n_ff"], p["n_vocab"],
-                      mmproj_bytes(p, mmproj_quant), tower.n_tile_positions(p["v_image"], p["v_patch"]),
-                      p["v_embd"], p["v_ff"], p["v_head"], tower.max_image_tokens(p))
+    card = PRESETS[preset]
+    layers, other = language_tensor_bytes(card, quant)
+    t, v = card.text, card.vision
+    return ModelShape(layers, other, t.n_head, t.n_head_kv, t.head_dim, t.n_embd, t.n_ff, t.n_vocab,
+                      mmproj_bytes(card, mmproj_quant), v.v_n_pos, v.v_embd, v.v_ff, v.v_head,
+                      by_name(card.family).vision.max_image_tokens(v))
 
 
 def compute_bytes(s: ModelShape, n_ctx: int) -> int:
