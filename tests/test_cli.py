@@ -159,6 +159,7 @@ def test_info_describes_both_files(converted):
     assert "gpt2 / qwen2" in facts["tokenizer"] and "<|im_start|>" in facts["chat_template"]
     mm = cli("info", converted / "mmproj-tiny-llava-F16.gguf")
     assert mm.exit_code == 0 and "projector_type: mlp" in mm.stdout and "image_size: 56" in mm.stdout
+    assert "vision_tower: clip" in mm.stdout and "image_tokens_max: 16" in mm.stdout
     missing = cli("info", converted / "nope.gguf")
     assert missing.exit_code == 1 and "no such GGUF file" in missing.stderr
 

@@ -127,6 +127,8 @@ def test_the_mmproj_is_llava_1_5s_plus_the_tiling(case):
     np.testing.assert_allclose(newline.data.astype(np.float32), model.model.image_newline.detach().numpy(), atol=1e-3)
     manifest = json.loads((gguf / "manifest.json").read_text())
     assert manifest["source"]["family"] == "llava_next_llama"
+    info = cli("info", gguf / "mmproj-tiny-F16.gguf")
+    assert "vision_tower: clip-anyres" in info.stdout and "image_tokens_max: 88" in info.stdout
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -382,3 +384,29 @@ def test_a_qwen2_llava_next_matches_transformers(tmp_path, tokenizer):
             assert chat.last_turn.prompt_positions == n_prompt
             assert got[:len(expected)].argmax() == expected.argmax()
             assert top10_gap(expected, got) < IMAGE_BOUND
+
+
+def served_from_disk_after_a_restart(folder, picture_path, tmp_path, model="tiny"):
+    """serve --cache-dir: a conversation about ``picture_path`` saved at shutdown is restored by the next
+    server (pictures and KV cache from disk, nothing encoded again) and gives the same answer."""
+    from test_server import Server, user
+    cache = tmp_path / "states"
+    answers = []
+    for round in range(2):
+        server = Server(folder, "--parallel", "1", cache_dir=cache)
+        try:
+            reply = server.client().chat.completions.create(model=model, messages=[user(QUESTION, picture_path)],
+                                                            max_tokens=5)
+            answers.append(reply.choices[0].message.content)
+            encoded = server.stats()["images_encoded"]
+        finally:
+            server.stop()
+        assert encoded == (1 if round == 0 else 0)
+    assert answers[0] == answers[1]
+    assert reply.usage.prompt_tokens_details.cached_tokens == reply.usage.prompt_tokens - 1
+
+
+def test_a_restarted_server_restores_a_tiled_picture(case, tmp_path):
+    shot = tmp_path / "wide.png"
+    picture("wide").save(shot)
+    served_from_disk_after_a_restart(case[2], shot, tmp_path)

@@ -150,6 +150,8 @@ def test_metadata_and_the_img_break_row(case, bpe):
     lm = GGUFReader(gguf / "tiny-F16.gguf")
     assert lm.fields["tokenizer.ggml.pre"].contents() == "pixtral"
     assert json.loads((gguf / "manifest.json").read_text())["source"]["family"] == "llava_pixtral"
+    info = cli("info", gguf / "mmproj-tiny-F16.gguf")
+    assert "vision_tower: pixtral" in info.stdout and "image_tokens_max: 20" in info.stdout
 
 
 def test_llama_cpp_tokenizes_like_the_checkpoint(case, bpe):
@@ -274,3 +276,10 @@ def fresh(case, tmp_path):
 def test_hostile_pixtral_configs(tmp_path, fresh, file, change, needle):
     edit_json(fresh / file, change)
     assert_clean_failure(cli("convert", fresh, "--out", tmp_path / "o"), needle, out=tmp_path / "o")
+
+
+def test_a_restarted_server_restores_a_native_size_picture(case, tmp_path):
+    from test_llava_next import served_from_disk_after_a_restart
+    shot = tmp_path / "large.png"
+    picture("large").save(shot)
+    served_from_disk_after_a_restart(case[2], shot, tmp_path)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ..errors import ModelFilesError
+from ..models.registry import for_gguf
 from .gguf_header import LongArray, read_header
 from ..quant_types import name_of_file_type
 from .model_files import check_file, fields_of
@@ -39,10 +40,15 @@ def describe(path: Path) -> dict:
         for key in ("clip.projector_type", "clip.vision.image_size", "clip.vision.patch_size",
                     "clip.vision.embedding_length", "clip.vision.block_count", "clip.vision.projection_dim",
                     "clip.vision.feature_layer", "clip.vision.image_mean", "clip.vision.image_std", "clip.use_gelu",
-                    "acestep_gguf.image.resize_shortest_edge"):
+                    "clip.use_silu", "clip.vision.image_grid_pinpoints", "acestep_gguf.image.resize_shortest_edge",
+                    "acestep_gguf.image.longest_edge"):
             value = field(key)
             if value is not None:
                 facts[key.split(".", 1)[1]] = value
+        if check.startswith("ok"):  # the tower, and what one picture costs in the language model's context
+            family = for_gguf(header.fields, "vision")
+            facts["vision_tower"] = family.vision.name
+            facts["image_tokens_max"] = family.vision.max_image_tokens(family.vision.gguf_hparams(header.fields))
     else:
         for key in ("context_length", "embedding_length", "block_count", "feed_forward_length",
                     "attention.head_count", "attention.head_count_kv", "rope.freq_base", "rope.scaling.type",
