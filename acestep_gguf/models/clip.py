@@ -177,6 +177,10 @@ class ClipTower:
         projector = tensor_bytes(matrix_type, v * e + e * e) + 4 * 2 * e
         return h.v_feature_layer * per_layer + fixed + projector
 
+    def pixel_strategy(self, h: ClipHParams) -> dict:
+        """How the runtime shapes pictures beyond the square crop (runtime/images.py's PixelRecipe fields)."""
+        return {}
+
     # -- reading an mmproj back (the runtime's checks) -------------------------------------------
     keys = VISION_KEYS
 

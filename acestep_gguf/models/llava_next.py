@@ -154,6 +154,9 @@ class AnyresClipTower(ClipTower):
     def mmproj_bytes(self, h: AnyresHParams, matrix_type) -> int:
         return super().mmproj_bytes(h, matrix_type) + 4 * h.n_embd  # + image_newline
 
+    def pixel_strategy(self, h: AnyresHParams) -> dict:
+        return {"pinpoints": h.pinpoints}  # tiles (runtime/images.py)
+
     def reads(self, fields: dict) -> bool:
         return fields.get("clip.projector_type") == self.projector_type and PINPOINTS_KEY in fields
 

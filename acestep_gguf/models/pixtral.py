@@ -162,6 +162,9 @@ class PixtralTower:
         fixed = 4 * (v * 3 * h.v_patch ** 2 + v + e)  # patch kernel, ln_pre, [IMG_BREAK]
         return h.v_feature_layer * per_layer + fixed + tensor_bytes(matrix_type, v * e + e * e) + 4 * 2 * e
 
+    def pixel_strategy(self, h: PixtralHParams) -> dict:
+        return {"longest_edge": h.longest_edge}  # the picture's own aspect (runtime/images.py)
+
     # -- reading an mmproj back ------------------------------------------------------------------
     def reads(self, fields: dict) -> bool:
         return fields.get(Keys.Clip.PROJECTOR_TYPE) == self.projector_type

@@ -163,6 +163,6 @@ def pixel_recipe(mmproj_fields: dict, path: Path) -> PixelRecipe:
     shortest = mmproj_fields.get("acestep_gguf.image.resize_shortest_edge", size)
     if shortest < size:
         raise ModelFilesError(f"{path}: acestep_gguf.image.resize_shortest_edge {shortest} is below image_size {size}")
-    h = for_gguf(mmproj_fields, "vision").vision.gguf_hparams(mmproj_fields)
+    tower = for_gguf(mmproj_fields, "vision").vision
     return PixelRecipe(size, patch, shortest, mmproj_fields.get("acestep_gguf.image.resample", 3),
-                       tuple(getattr(h, "pinpoints", ())), getattr(h, "longest_edge", 0))
+                       **tower.pixel_strategy(tower.gguf_hparams(mmproj_fields)))
