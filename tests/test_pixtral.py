@@ -283,3 +283,27 @@ def test_a_restarted_server_restores_a_native_size_picture(case, tmp_path):
     shot = tmp_path / "large.png"
     picture("large").save(shot)
     served_from_disk_after_a_restart(case[2], shot, tmp_path)
+
+
+@needs_patched_build
+def test_a_picture_over_mtmds_own_1024_patch_cap_is_not_resized(tmp_path, bpe):
+    """mtmd caps Pixtral pictures at 1024 patches by default and resizes by its own rule; a real 1024 px
+    picture has up to 4096. A tower with a 640 px longest edge and a 600x600 picture (38x38 = 1444
+    patches) shows the runtime lifts the cap: the same positions and answer as transformers."""
+    config = tiny_pixtral_config(bpe)
+    config.vision_config.image_size = 640
+    model = build_model(config)
+    pre = {**PREPROCESSOR, "size": {"longest_edge": 640}}
+    ckpt = save_checkpoint(model, bpe, tmp_path / "big", style="saved5", tokenizer_config=TOKENIZER_CONFIG, preprocessor=pre)
+    convert(ckpt, out=tmp_path / "gguf", quant="F16", name="big")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>")
+    processor = PixtralProcessor(image_processor=PixtralImageProcessor(**pre), tokenizer=tokenizer, patch_size=PATCH,
+                                 spatial_merge_size=1, chat_template=PIXTRAL_HUB_TEMPLATE, image_token="[IMG]",
+                                 image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, (600, 600, 3), dtype=np.uint8))
+    expected, n_prompt = reference(model, processor, image)
+    with VisionChat.load(tmp_path / "gguf", n_ctx=2048, n_gpu_layers=0) as chat:
+        got = chat.next_token_logprobs(QUESTION, images=[image])
+        assert chat.last_turn.prompt_positions == n_prompt > 38 * 38
+    assert got.argmax() == expected.argmax() and top10_gap(expected, got) < IMAGE_BOUND
