@@ -244,6 +244,8 @@ def test_the_context_check_counts_the_worst_tiling(case):
     from acestep_gguf.errors import OptionError
     with pytest.raises(OptionError, match=f"one image takes up to {worst} positions"):
         VisionChat.load(gguf, quant="F16", n_ctx=worst, n_gpu_layers=0)
+    with VisionChat.load(gguf, quant="F16", n_ctx=worst + 32, n_gpu_layers=0) as smallest:
+        assert smallest.max_image_tokens == worst
 
 
 def test_plan_presets_for_llava_1_6():

@@ -195,15 +195,40 @@ class ClipTower:
 
     def gguf_problems(self, h: ClipHParams, fields: dict) -> list[str]:
         """Relations between an mmproj's keys that llama.cpp assumes without checking."""
-        checks = [
-            (h.v_image % h.v_patch or h.v_patch > h.v_image, "clip.vision.image_size is not a multiple of patch_size"),
-            (h.v_embd % h.v_head, "clip.vision.embedding_length is not a multiple of attention.head_count"),
-            (fields.get(Keys.Clip.HAS_VISION_ENCODER) is not True, "clip.has_vision_encoder is not true"),
-            (fields.get(V.USE_GELU) and fields.get(V.USE_SILU), "clip.use_gelu and clip.use_silu are both set"),
-            (any(not 0 <= k <= h.v_feature_layer for k in fields.get("clip.vision.feature_layer", [])),
-             "clip.vision.feature_layer is outside the written layers"),
-        ]
-        return [message for bad, message in checks if bad]
+        bad = any(not 0 <= k <= h.v_feature_layer for k in fields.get("clip.vision.feature_layer", []))
+        return tower_problems(h, fields) + (["clip.vision.feature_layer is outside the written layers"] if bad else [])
+
+
+def tower_problems(h: VisionHParams, fields: dict) -> list[str]:
+    """What llama.cpp assumes of every tower's mmproj without checking."""
+    checks = [
+        (h.v_image % h.v_patch or h.v_patch > h.v_image, "clip.vision.image_size is not a multiple of patch_size"),
+        (h.v_embd % h.v_head, "clip.vision.embedding_length is not a multiple of attention.head_count"),
+        (fields.get(Keys.Clip.HAS_VISION_ENCODER) is not True, "clip.has_vision_encoder is not true"),
+        (fields.get(V.USE_GELU) and fields.get(V.USE_SILU), "clip.use_gelu and clip.use_silu are both set"),
+    ]
+    return [message for bad, message in checks if bad]
+
+
+def feature_layer(top: Fields, n_layer: int) -> int:
+    """``vision_feature_layer`` (LlavaConfig's default -2) as the number of encoder layers it reads:
+    hidden_states[k] is the output of k layers; negative indices count from the end."""
+    layer = top.data.get("vision_feature_layer", -2)
+    if type(layer) is not int:
+        raise ConfigError(f"config.json: vision_feature_layer {layer!r}: only a single layer index is supported")
+    k = layer if layer >= 0 else n_layer + 1 + layer
+    if not 1 <= k <= n_layer:
+        raise ConfigError(f"config.json: vision_feature_layer {layer} is out of range for {n_layer} layers")
+    return k
+
+
+def check_projector(top: Fields) -> None:
+    """llava's two-layer projector as llama.cpp builds it for every tower: GELU, with biases."""
+    act = top.string("projector_hidden_act", "gelu")
+    if act not in PROJECTOR_ACTIVATIONS:
+        raise ConfigError(f"config.json: projector_hidden_act {act!r} is not supported: llama.cpp's projector uses GELU")
+    if top.boolean("multimodal_projector_bias", True) is False:
+        raise ConfigError("config.json: multimodal_projector_bias false is not supported: llama.cpp needs projector biases")
 
 
 def tower_metadata(projector_type: str, h: VisionHParams) -> list[MetadataEntry]:
@@ -246,22 +271,12 @@ def _vision_hparams(vision: Fields, top: Fields) -> dict:
         raise ConfigError(f"config.json: vision_config.hidden_act {v_act!r} is not supported by llama.cpp's CLIP")
     if v_image % v_patch:
         raise ConfigError("config.json: vision_config.image_size is not a multiple of patch_size")
-    layer = top.data.get("vision_feature_layer", -2)
-    if type(layer) is not int:
-        raise ConfigError(f"config.json: vision_feature_layer {layer!r}: only a single layer index is supported")
-    # hidden_states[k] is the output of k encoder layers; negative indices count from the end.
-    k = layer if layer >= 0 else v_n_layer + 1 + layer
-    if not 1 <= k <= v_n_layer:
-        raise ConfigError(f"config.json: vision_feature_layer {layer} is out of range for {v_n_layer} layers")
+    k = feature_layer(top, v_n_layer)
     strategy = top.string("vision_feature_select_strategy", "default")
     if strategy != "default":
         raise ConfigError(f"config.json: vision_feature_select_strategy {strategy!r} is not supported: llama.cpp's "
                           "mlp projector drops the CLS token ('default')")
-    act = top.string("projector_hidden_act", "gelu")
-    if act not in PROJECTOR_ACTIVATIONS:
-        raise ConfigError(f"config.json: projector_hidden_act {act!r} is not supported: llama.cpp's mlp projector uses GELU")
-    if top.boolean("multimodal_projector_bias", True) is False:
-        raise ConfigError("config.json: multimodal_projector_bias false is not supported: llama.cpp needs projector biases")
+    check_projector(top)
     return dict(v_embd=v_embd, v_ff=v_ff, v_head=v_head, v_image=v_image, v_patch=v_patch, v_feature_layer=k,
                 v_n_layer=v_n_layer, v_eps=v_eps, v_act=v_act)
 

@@ -1,8 +1,8 @@
 """The Family type: one supported checkpoint layout as one typed object.
 
 A family is a language model (a LanguageModel: llama.cpp's architecture, the tokenizer, q/k/v biases,
-the built-in template — the tables here) plus a vision tower with its projector (a plug-in module:
-models/clip.py, models/llava_next.py). A family module (llava_qwen2.py, llava_llama.py) is a few
+the built-in template — the tables here) plus a vision tower with its projector (a plug-in module
+implementing models/tower.py: clip.py, llava_next.py, pixtral.py). A family module (llava_qwen2.py, llava_llama.py) is a few
 rows of data; the pipeline, runtime and planner ask the Family and never name an architecture.
 GGUF tensor names and metadata keys come from gguf-py's constants."""
 
@@ -17,12 +17,13 @@ from gguf import Keys
 
 from ..errors import ConfigError
 from ..templates import PLACEHOLDER_KEY
-from .clip import CLIP, ClipTower, tn
+from .clip import CLIP, tn
 from .fields import MAX_HEADS, MAX_LAYERS, MAX_POSITIONS, MAX_WIDTH, Fields
 from .hparams import HParams, TextHParams, VisionHParams
 from .spec import Ignored, MetadataEntry, TensorSpec, expand
 from .text_hparams import text_hparams
 from .tokenizers import TOKENIZER_KEYS
+from .tower import VisionTower
 
 
 # Source-name prefixes of the language half → canonical prefixes; the first match wins, so longer
@@ -107,7 +108,7 @@ class Family:
     architectures: tuple[str, ...]  # config.json "architectures"
     language: LanguageModel
     description: str  # for messages: "Qwen2 + CLIP + MLP projector"
-    vision: ClipTower = CLIP  # the tower plug-in (models/clip.py, llava_next.py, pixtral.py)
+    vision: VisionTower = CLIP  # the tower plug-in (models/tower.py)
 
     @property
     def gguf_arch(self) -> str:

@@ -22,13 +22,14 @@ from gguf import Keys
 
 from ..errors import ConfigError
 from ..quant_types import tensor_bytes
-from .clip import (CLIP_MEAN, CLIP_STD, PIL_BICUBIC, REPLACEMENTS, RESAMPLE_KEY, VISION_KEYS, Fields, tn,
-                   tower_gguf_hparams, tower_metadata)
+from .clip import (CLIP_MEAN, CLIP_STD, PIL_BICUBIC, REPLACEMENTS, RESAMPLE_KEY, VISION_KEYS, Fields, check_projector,
+                   feature_layer, tn, tower_gguf_hparams, tower_metadata, tower_problems)
 from .family import Family, LanguageModel
 from .fields import MAX_HEADS, MAX_IMAGE, MAX_LAYERS, MAX_WIDTH
 from .hparams import VisionHParams
 from .llava_llama import MISTRAL_DEFAULTS
 from .spec import Ignored, MetadataEntry, TensorSpec, expand
+from .text_hparams import rope_theta
 
 LONGEST_EDGE_KEY = "acestep_gguf.image.longest_edge"
 IMG_BREAK = "[IMG_BREAK]"
@@ -99,27 +100,17 @@ class PixtralTower:
         if v_act not in ACTIVATIONS:
             raise ConfigError(f"config.json: vision_config.hidden_act {v_act!r} is not supported by llama.cpp's "
                               "pixtral graph (silu or gelu)")
-        rope = vision.data.get("rope_parameters")
-        theta = vision.section("rope_parameters").number("rope_theta", 1.0, 1e12, ROPE_THETA) if isinstance(rope, dict) \
-            else vision.number("rope_theta", 1.0, 1e12, ROPE_THETA)
+        theta = rope_theta(vision)  # transformers' precedence: rope_parameters, then the top-level field
         if theta != ROPE_THETA:
             raise ConfigError(f"config.json: vision_config rope theta {theta:g}: llama.cpp's pixtral graph uses "
                               f"{ROPE_THETA:g} and cannot be told another")
-        layer = top.data.get("vision_feature_layer", -2)
-        if type(layer) is not int:
-            raise ConfigError(f"config.json: vision_feature_layer {layer!r}: only a single layer index is supported")
-        k = layer if layer >= 0 else v_n_layer + 1 + layer
-        if not 1 <= k <= v_n_layer:
-            raise ConfigError(f"config.json: vision_feature_layer {layer} is out of range for {v_n_layer} layers")
         if top.string("vision_feature_select_strategy", "default") != "full":
             raise ConfigError("config.json: vision_feature_select_strategy must be 'full' for a Pixtral tower: it has "
                               "no [CLS] token, and 'default' would drop its first patch (llama.cpp cannot)")
-        if top.string("projector_hidden_act", "gelu") not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
-            raise ConfigError("config.json: projector_hidden_act must be GELU (llama.cpp's pixtral projector)")
-        if top.boolean("multimodal_projector_bias", True) is False:
-            raise ConfigError("config.json: multimodal_projector_bias false is not supported")
+        check_projector(top)
         return PixtralHParams(n_embd=n_embd, v_embd=v_embd, v_ff=vision.integer("intermediate_size", 1, MAX_WIDTH, 4096),
-                              v_head=v_head, v_image=v_image, v_patch=v_patch, v_feature_layer=k, v_n_layer=v_n_layer,
+                              v_head=v_head, v_image=v_image, v_patch=v_patch,
+                              v_feature_layer=feature_layer(top, v_n_layer), v_n_layer=v_n_layer,
                               v_n_pos=self.n_tile_positions(v_image, v_patch), v_eps=RMS_EPS, v_act=v_act,
                               img_break=_token_id(tokenizer or {}, IMG_BREAK),
                               **_preprocessing(preprocessor, v_image, v_patch))
@@ -175,17 +166,13 @@ class PixtralTower:
                               v_n_pos=self.n_tile_positions(shape["v_image"], shape["v_patch"]))
 
     def gguf_problems(self, h: PixtralHParams, fields: dict) -> list[str]:
-        V = Keys.ClipVision
         checks = [
-            (h.v_image % h.v_patch or h.v_patch > h.v_image, "clip.vision.image_size is not a multiple of patch_size"),
-            (h.v_embd % h.v_head or (h.v_embd // h.v_head) % 4,
+            (h.v_embd % h.v_head == 0 and (h.v_embd // h.v_head) % 4,
              "clip.vision.embedding_length / attention.head_count is not a multiple of 4"),
-            (fields.get(Keys.Clip.HAS_VISION_ENCODER) is not True, "clip.has_vision_encoder is not true"),
-            (fields.get(V.USE_GELU) and fields.get(V.USE_SILU), "clip.use_gelu and clip.use_silu are both set"),
             (not h.v_patch <= h.longest_edge <= h.v_image, f"{LONGEST_EDGE_KEY} is outside patch_size..image_size"),
             ("clip.vision.spatial_merge_size" in fields, "clip.vision.spatial_merge_size (a patch merger) is not supported"),
         ]
-        return [message for bad, message in checks if bad]
+        return tower_problems(h, fields) + [message for bad, message in checks if bad]
 
 
 def _token_id(tokenizer: dict, text: str) -> int:

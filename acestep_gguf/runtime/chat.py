@@ -195,7 +195,7 @@ class VisionChat:
 
     @property
     def pixel_recipe(self):
-        """How pictures are shaped for this model (square crop, or tiles by grid pinpoints)."""
+        """How pictures are shaped for this model (square crop, tiles, or the picture's own aspect)."""
         return self._recipe
 
     @property
@@ -489,8 +489,9 @@ def _checked_ctx(n_ctx, recipe) -> int:
     n_image = recipe.max_image_tokens()
     least = n_image + PROMPT_ROOM
     if type(n_ctx) is not int or not least <= n_ctx <= MAX_POSITIONS:
-        raise OptionError(f"n_ctx {n_ctx!r}: one image takes {'up to ' * bool(recipe.pinpoints)}{n_image} positions, so the context must be a whole "
-                          f"number from {least} to {MAX_POSITIONS}")
+        up_to = "" if recipe.square else "up to "
+        raise OptionError(f"n_ctx {n_ctx!r}: one image takes {up_to}{n_image} positions, so the context must be a "
+                          f"whole number from {least} to {MAX_POSITIONS}")
     return n_ctx
 
 

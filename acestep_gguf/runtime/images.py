@@ -46,15 +46,16 @@ class PixelRecipe:
     resample: int = Image.Resampling.BICUBIC
     pinpoints: tuple = ()  # (height, width) pairs: the picture is tiled (LLaVA-NeXT); empty: one square crop
     longest_edge: int = 0  # > 0: the picture keeps its aspect, its longest edge at most this (Pixtral)
+    image_tokens: int = 0  # the most positions one picture takes (its tower's count); 0: one square crop's
+
+    @property
+    def square(self) -> bool:
+        """One square crop per picture (CLIP): the same positions for every picture."""
+        return not (self.pinpoints or self.longest_edge)
 
     def max_image_tokens(self) -> int:
         """The most positions one picture can take in the language model's context."""
-        if self.pinpoints:
-            return llava_next.max_tokens(self.pinpoints, self.image_size, self.patch_size)
-        if self.longest_edge:  # every patch, an [IMG_BREAK] per row but the last, [IMG_END]
-            side = self.longest_edge // self.patch_size
-            return side * side + side
-        return (self.image_size // self.patch_size) ** 2
+        return self.image_tokens or (self.image_size // self.patch_size) ** 2
 
     def layout(self, height: int, width: int) -> "llava_next.AnyresLayout":
         return llava_next.layout(height, width, self.pinpoints, self.image_size, self.patch_size)

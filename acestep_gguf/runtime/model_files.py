@@ -164,5 +164,6 @@ def pixel_recipe(mmproj_fields: dict, path: Path) -> PixelRecipe:
     if shortest < size:
         raise ModelFilesError(f"{path}: acestep_gguf.image.resize_shortest_edge {shortest} is below image_size {size}")
     tower = for_gguf(mmproj_fields, "vision").vision
+    h = tower.gguf_hparams(mmproj_fields)
     return PixelRecipe(size, patch, shortest, mmproj_fields.get("acestep_gguf.image.resample", 3),
-                       **tower.pixel_strategy(tower.gguf_hparams(mmproj_fields)))
+                       image_tokens=tower.max_image_tokens(h), **tower.pixel_strategy(h))

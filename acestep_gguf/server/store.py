@@ -69,25 +69,22 @@ class StateLimits:
 
 
     def _fits(self, image: PreparedImage) -> bool:
-        """Pixels of the model's tile size, and for a tiled picture the very layout its size gives."""
-        size, tile_bytes = self.recipe.image_size, 3 * self.recipe.image_size ** 2
-        if self.recipe.longest_edge or image.shape:
-            return self._fits_native(image)
-        if image.size != size or any(len(rgb) != tile_bytes for rgb in (image.rgb,) + image.tiles):
+        """What ``prepare`` makes for this model's recipe: one square crop, the tiles and layout the
+        picture's size gives, or a picture at its own size in whole patches."""
+        r, tile_bytes = self.recipe, 3 * self.recipe.image_size ** 2
+        if image.size != r.image_size:
             return False
-        if not self.recipe.pinpoints or image.layout is None:
-            return not self.recipe.pinpoints and image.layout is None and not image.tiles
-        where = image.layout
-        ok = type(where.height) is int and type(where.width) is int and 0 < where.height * where.width <= MAX_PIXELS
-        return ok and self.recipe.layout(where.height, where.width) == where and len(image.tiles) == where.rows * where.cols
-
-
-    def _fits_native(self, image: PreparedImage) -> bool:
-        r = self.recipe
-        shape = image.shape
-        ok = (r.longest_edge and isinstance(shape, tuple) and len(shape) == 2 and not image.tiles and image.layout is None
-              and all(type(s) is int and 0 < s <= r.longest_edge and s % r.patch_size == 0 for s in shape))
-        return bool(ok) and image.size == r.image_size and len(image.rgb) == 3 * shape[0] * shape[1]
+        if r.pinpoints:
+            where = image.layout
+            return (where is not None and not image.shape and 0 < where.height * where.width <= MAX_PIXELS
+                    and r.layout(where.height, where.width) == where and len(image.tiles) == where.rows * where.cols
+                    and all(len(rgb) == tile_bytes for rgb in (image.rgb,) + image.tiles))
+        if r.longest_edge:
+            shape = image.shape
+            return (image.layout is None and not image.tiles and len(shape) == 2
+                    and all(0 < side <= r.longest_edge and side % r.patch_size == 0 for side in shape)
+                    and len(image.rgb) == 3 * shape[0] * shape[1])
+        return image.layout is None and not image.tiles and not image.shape and len(image.rgb) == tile_bytes
 
 
 def _open_state(path: Path):
