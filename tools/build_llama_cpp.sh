@@ -3,7 +3,12 @@
 # llama.cpp: the llava CLIP graph puts the [CLS] token after the patches while its inputs assume
 # it comes first (ggml-org/llama.cpp#25814, fix proposed in #25844). Unfixed, every llava image is
 # encoded with shifted position embeddings, patch 0 dropped and [CLS] passed to the LLM.
-# The installed version is 0.3.36+acestep.2 (it satisfies ==0.3.36). Pass CMAKE_ARGS for CUDA:
+# A second fix: the pixtral graph (tools/mtmd/models/pixtral.cpp) builds its [IMG_BREAK] column by
+# scaling a never-written tensor by 0 and adding the embedding; 0 x NaN is NaN, so when the reused
+# compute buffer holds a NaN bit pattern every picture of that load encodes to NaN (seen in about 1
+# load of 8 with a 640 px tower). It is built by repeating the embedding instead.
+#
+# The installed version is 0.3.36+acestep.3 (it satisfies ==0.3.36). Pass CMAKE_ARGS for CUDA:
 #   CMAKE_ARGS="-DGGML_CUDA=on" bash tools/build_llama_cpp.sh
 #
 # ggml's AMX kernels are left out (-mno-amx-*): on Xeons with AMX (Sapphire Rapids and later, the
@@ -21,7 +26,7 @@ VERSION=0.3.36
 PY=${PYTHON:-python3}
 DATA="${ACESTEP_GGUF_TEST_DATA:-$HOME/.cache/acestep-gguf/test-data}/llama-cpp-python-$VERSION"
 VOCABS="ggml-vocab-qwen2.gguf ggml-vocab-llama-spm.gguf"
-TAG=acestep.2
+TAG=acestep.3
 installed() { "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.__version__ == '$VERSION+$TAG' else 1)" 2>/dev/null; }
 have_data() {
   for v in $VOCABS; do for s in "" .inp .out; do [ -f "$DATA/$v$s" ] || return 1; done; done
@@ -61,6 +66,21 @@ fi
 graph="$src/vendor/llama.cpp/tools/mtmd/models/llava.cpp"
 grep -q 'ggml_concat(ctx0, inp, model.class_embedding, 1)' "$graph" || { echo "llava.cpp has changed: patch no longer applies" >&2; exit 1; }
 sed -i 's/ggml_concat(ctx0, inp, model.class_embedding, 1)/ggml_concat(ctx0, model.class_embedding, inp, 1)/' "$graph"
+"$PY" - "$src/vendor/llama.cpp/tools/mtmd/models/pixtral.cpp" <<'PATCH' || { echo "pixtral.cpp has changed: patch no longer applies" >&2; exit 1; }
+import sys
+path = sys.argv[1]
+text = open(path).read()
+old = """        ggml_tensor * tok = ggml_new_tensor_3d(ctx0, tmp->type, n_embd_text, 1, p_y);
+        tok = ggml_scale(ctx0, tok, 0.0); // clear the tensor
+        tok = ggml_add(ctx0, tok, model.token_embd_img_break);
+"""
+new = """        ggml_tensor * tok = ggml_repeat_4d(ctx0, ggml_cast(ctx0, model.token_embd_img_break, tmp->type),
+                                           n_embd_text, 1, p_y, 1); // acestep: no uninitialized read
+"""
+if old not in text:
+    sys.exit(1)
+open(path, "w").write(text.replace(old, new))
+PATCH
 sed -i "s/^__version__ = \"$VERSION\"/__version__ = \"$VERSION+$TAG\"/" "$src/llama_cpp/__init__.py"
 echo "building llama-cpp-python $VERSION+$TAG (about 5 minutes on 2 cores)"
 if [ -z "${ACESTEP_GGUF_AMX:-}" ]; then
